@@ -1,0 +1,21 @@
+# The two entry points of the README. Both create .venv (Python 3.12, from .python-version) if missing.
+VENV := .venv
+PY := $(VENV)/bin/python
+OUT ?= runs/default
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+.PHONY: run test lint
+run: $(VENV)/.installed
+	$(VENV)/bin/mxmoe-jax run --out $(OUT) --force
+
+# pytest exits 5 when it collected nothing: that is a failure here, as in CI.
+test: $(VENV)/.installed
+	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no test ran"; exit 1; fi; exit $$rc
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .

@@ -1,0 +1,1 @@
+"""Hugging Face <-> Flax conversion (imported as ``mxmoe_jax.convert``)."""

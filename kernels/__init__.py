@@ -1,0 +1,1 @@
+"""GPU kernels of mxmoe-jax (imported as ``mxmoe_jax.kernels``)."""

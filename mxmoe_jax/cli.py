@@ -1,0 +1,39 @@
+"""The single command-line entry point: ``mxmoe-jax SUBCOMMAND ...``.
+
+Each subcommand lives in its own module, which defines ``register(subparsers)``; that function
+adds the subparser and sets ``func`` to the module's short ``main(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand modules, in the order ``--help`` lists them (pipeline order)
+_COMMANDS = (
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mxmoe-jax",
+        description="Mixed-precision quantization of Mixture-of-Experts LLMs in JAX/Pallas.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    for module in _COMMANDS:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        # Bad input: one clear line, no traceback.
+        print(f"mxmoe-jax {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Shared fixtures: the ``interpret`` switch for Pallas kernels and paths to ../shared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import pytest
+
+jax.config.update("jax_enable_x64", False)
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+TINY_MODEL = SHARED / "models" / "qwen2moe-tiny-books"
+WIKITEXT = SHARED / "data" / "wikitext2" / "wiki.test.raw.txt"
+BOOKS_CALIB = SHARED / "data" / "books-calib.txt"
+BOOKS_EVAL = SHARED / "data" / "books-eval.txt"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+ON_GPU = any(d.platform == "gpu" for d in jax.devices())
+
+
+def require_shared(path: Path) -> Path:
+    """Skip (with the reason) when ../shared is absent, as in a user's fresh clone."""
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared is only beside the project's own checkouts)")
+    return path
+
+
+@pytest.fixture(params=[True] if not ON_GPU else [False, True], ids=lambda v: f"interpret={v}")
+def interpret(request):
+    """Pallas kernels run in interpret mode on the CPU; on a GPU both ways."""
+    return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    if ON_GPU:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU (this machine has none)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
