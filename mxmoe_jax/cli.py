@@ -12,6 +12,7 @@ import sys
 
 # subcommand modules, in the order ``--help`` lists them (pipeline order)
 _COMMANDS = (
+    "mxmoe_jax.eval.cli",
 )
 
 
