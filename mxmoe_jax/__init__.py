@@ -32,6 +32,7 @@ def _map_checkout_folders() -> None:
         module = _ilu.module_from_spec(spec)
         _sys.modules[full] = module
         spec.loader.exec_module(module)
+        globals()[name] = module
 
 
 _map_checkout_folders()
