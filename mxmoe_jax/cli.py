@@ -12,6 +12,8 @@ import sys
 
 # subcommand modules, in the order ``--help`` lists them (pipeline order)
 _COMMANDS = (
+    "mxmoe_jax.convert.cli",
+    "mxmoe_jax.convert.export_cli",
     "mxmoe_jax.eval.cli",
 )
 
