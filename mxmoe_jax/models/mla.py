@@ -6,10 +6,11 @@ MLA (DeepSeek-V2, arXiv 2405.04434 §2.1) compresses keys and values into one la
             | q_b_proj(q_a_norm(q_a_proj(x)))            (q_lora_rank set: DeepSeek-V2)
     [c, kr] = kv_a_proj(x)                  c: kv_lora_rank latent, kr: one rope key for all heads
     [kn, v] = kv_b_proj(kv_a_norm(c))       per head: kn [qk_nope_head_dim], v [v_head_dim]
-    score_h = (qn_h . kn_h + rope(qr_h) . rope(kr)) * softmax_scale
+    score_h = [qn_h, rope(qr_h)] . [kn_h, rope(kr)] * softmax_scale
 
-Glossary of the letters in einsums: b batch, t query position, s key position, h head,
-d nope (content) head dim, r rope head dim, v value head dim.
+Shapes use b batch, t position, h head, d = qk_nope_head_dim, r = qk_rope_head_dim,
+v = v_head_dim. The masked softmax is the standard attention's ``attention_core`` (causal by
+token index, f32 scores and softmax), with the one rope key broadcast to every head.
 
 Transformers' DeepSeek-V2 (5.x) applies RoPE in complex form to *adjacent* pairs
 ``(x[2i], x[2i+1])`` (``view_as_complex``), not to the two halves as Llama does, and multiplies
@@ -27,12 +28,15 @@ original DeepSeek code) build them with the RMSNorm default.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from mxmoe_jax.config import ModelConfig
+from mxmoe_jax.models.attention import attention_core
+from mxmoe_jax.models.layers import RMSNorm, linear, positions_bt
 
 # transformers builds q_a_layernorm / kv_a_layernorm without passing rms_norm_eps
 LATENT_NORM_EPS = 1e-6
@@ -40,7 +44,7 @@ LATENT_NORM_EPS = 1e-6
 _SUPPORTED_ROPE = ("default", "yarn")
 
 
-def rope_parameters(cfg: Any) -> dict:
+def rope_parameters(cfg: ModelConfig) -> dict:
     """The rope dict of ``cfg`` in transformers 5 form: ``rope_type`` and ``rope_theta`` always set.
 
     Accepts both hub spellings (old ``rope_scaling: {"type": "yarn", ...}`` beside a top-level
@@ -59,22 +63,13 @@ def rope_parameters(cfg: Any) -> dict:
     if params["rope_theta"] is None:
         raise ValueError("rope_theta: missing from the config and from its rope parameters")
     if rope_type == "yarn":
-        max_pos = _max_position_embeddings(cfg)
+        max_pos = int(cfg.max_position_embeddings)
         # transformers' standardize_rope_params: the pretraining length defaults to the model's
         params.setdefault("original_max_position_embeddings", max_pos)
         if params.get("factor") is None:
             # DeepSeek-V3 style configs give the lengths instead of the factor
             params["factor"] = max_pos / params["original_max_position_embeddings"]
     return params
-
-
-def _max_position_embeddings(cfg: Any) -> int:
-    value = getattr(cfg, "max_position_embeddings", None)
-    if value is None:
-        value = (getattr(cfg, "hf_config", None) or {}).get("max_position_embeddings")
-    if value is None:
-        raise ValueError("max_position_embeddings: YaRN rope scaling needs it; the config has none")
-    return int(value)
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -118,7 +113,7 @@ def yarn_inv_freq(*, dim: int, base: float, factor: float, original_max_position
     return inv_freq.astype(np.float32)
 
 
-def mla_rope(cfg: Any) -> tuple[np.ndarray, float]:
+def mla_rope(cfg: ModelConfig) -> tuple[np.ndarray, float]:
     """(inverse frequencies [qk_rope_head_dim // 2] float32, attention_factor) for ``cfg``."""
     params = rope_parameters(cfg)
     dim = cfg.qk_rope_head_dim
@@ -145,7 +140,7 @@ def mla_rope(cfg: Any) -> tuple[np.ndarray, float]:
     return inv_freq, float(attention_factor)
 
 
-def mla_softmax_scale(cfg: Any) -> float:
+def mla_softmax_scale(cfg: ModelConfig) -> float:
     """``qk_head_dim**-0.5``, times YaRN's ``mscale(factor, mscale_all_dim)**2`` when scaled."""
     params = rope_parameters(cfg)
     scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
@@ -177,8 +172,8 @@ class MLAttention(nnx.Module):
     ``q_a_proj``, ``kv_a_proj`` and ``o_proj`` carry a bias (as in transformers).
     """
 
-    def __init__(self, cfg: Any, layer_idx: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, *, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         for field in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             if not getattr(cfg, field, None) or getattr(cfg, field) <= 0:
                 raise ValueError(f"{field}: MLA needs a positive value, got "
@@ -205,27 +200,24 @@ class MLAttention(nnx.Module):
         d_model, h = cfg.hidden_size, cfg.num_heads
         bias = bool(cfg.attention_bias)
         lin = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        norm = dict(epsilon=LATENT_NORM_EPS, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        norm = dict(eps=LATENT_NORM_EPS, dtype=dtype, param_dtype=param_dtype)
         qk_dim = self.nope_dim + self.rope_dim
         if self.q_lora_rank is None:
-            self.q_proj = nnx.Linear(d_model, h * qk_dim, use_bias=False, **lin)
+            self.q_proj = linear(d_model, h * qk_dim, bias=False, **lin)
         else:
-            self.q_a_proj = nnx.Linear(d_model, self.q_lora_rank, use_bias=bias, **lin)
-            self.q_a_norm = nnx.RMSNorm(self.q_lora_rank, **norm)
-            self.q_b_proj = nnx.Linear(self.q_lora_rank, h * qk_dim, use_bias=False, **lin)
-        self.kv_a_proj = nnx.Linear(d_model, self.kv_lora_rank + self.rope_dim, use_bias=bias,
-                                    **lin)
-        self.kv_a_norm = nnx.RMSNorm(self.kv_lora_rank, **norm)
-        self.kv_b_proj = nnx.Linear(self.kv_lora_rank, h * (self.nope_dim + self.v_dim),
-                                    use_bias=False, **lin)
-        self.o_proj = nnx.Linear(h * self.v_dim, d_model, use_bias=bias, **lin)
+            self.q_a_proj = linear(d_model, self.q_lora_rank, bias=bias, **lin)
+            self.q_a_norm = RMSNorm(self.q_lora_rank, **norm)
+            self.q_b_proj = linear(self.q_lora_rank, h * qk_dim, bias=False, **lin)
+        self.kv_a_proj = linear(d_model, self.kv_lora_rank + self.rope_dim, bias=bias, **lin)
+        self.kv_a_norm = RMSNorm(self.kv_lora_rank, **norm)
+        self.kv_b_proj = linear(self.kv_lora_rank, h * (self.nope_dim + self.v_dim), bias=False,
+                                **lin)
+        self.o_proj = linear(h * self.v_dim, d_model, bias=bias, **lin)
 
-    def rope_cos_sin(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """cos, sin [B or 1, T, r // 2] f32 for ``positions`` [T] or [B, T], times the factor."""
-        positions = jnp.asarray(positions)
-        if positions.ndim == 1:
-            positions = positions[None, :]
-        angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(self.inv_freq, jnp.float32)
+    def rope_cos_sin(self, pos_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """cos, sin [B or 1, T, r // 2] f32 for positions [B or 1, T], times the factor."""
+        angles = pos_bt.astype(jnp.float32)[..., None] * jnp.asarray(self.inv_freq,
+                                                                            jnp.float32)
         return (jnp.cos(angles) * self.attention_factor, jnp.sin(angles) * self.attention_factor)
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -245,18 +237,13 @@ class MLAttention(nnx.Module):
         kv = self.kv_b_proj(self.kv_a_norm(latent)).reshape(b, t, h, d + v)
         k_nope, values = kv[..., :d], kv[..., d:]  # [b, t, h, d], [b, t, h, v]
 
-        cos, sin = self.rope_cos_sin(positions)  # [b|1, t, r/2]
+        cos, sin = self.rope_cos_sin(positions_bt(jnp.asarray(positions), b))  # [b|1, t, r/2]
         q_rope = apply_interleaved_rope(q_rope, cos[:, :, None, :], sin[:, :, None, :])
-        k_rope = apply_interleaved_rope(k_rope, cos, sin)  # [b, t, r]: one key shared by heads
+        k_rope = apply_interleaved_rope(k_rope, cos, sin)  # [b, t, r]: one key for all heads
 
-        # score = [q_nope, q_rope] . [k_nope, k_rope]; the shared rope key is never broadcast
-        scores = (jnp.einsum("bthd,bshd->bhts", q_nope, k_nope,
-                             preferred_element_type=jnp.float32)
-                  + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope,
-                               preferred_element_type=jnp.float32))
-        scores = scores * jnp.float32(self.softmax_scale)
-        causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [b, h, t, s]
-        out = jnp.einsum("bhts,bshv->bthv", probs, values, preferred_element_type=jnp.float32)
-        return self.o_proj(out.astype(self.dtype).reshape(b, t, h * v))
+        # keys [k_nope_h, k_rope] per head (the shared rope key broadcast), as transformers
+        q = jnp.concatenate([q_nope, q_rope], axis=-1)  # [b, t, h, d + r]
+        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None, :], (b, t, h, r))],
+                            axis=-1)  # [b, t, h, d + r]
+        out = attention_core(q, k, values, scale=self.softmax_scale)  # [b, t, h, v]
+        return self.o_proj(out.reshape(b, t, h * v))
