@@ -74,28 +74,45 @@ def hessian_init(e: int, k: int) -> HessianState:
     return HessianState(xtx=jnp.zeros((e, k, k), jnp.float32), count=jnp.zeros((e,), jnp.int32))
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames="chunk")
 def hessian_update(
-    state: HessianState, x_sorted: jax.Array, group_sizes: jax.Array
+    state: HessianState, x_sorted: jax.Array, group_sizes: jax.Array, *, chunk: int = 128
 ) -> HessianState:
     """Add a batch of expert-sorted tokens ``x_sorted`` [M, K] (``group_sizes`` [E] rows each).
 
-    Rows past ``sum(group_sizes)`` (static padding of a jitted dispatch) are ignored. Uses
-    ``ragged_dot_general`` with a ragged contracting dimension: one ``X_e^T X_e`` per expert
-    without materialising a padded [E, capacity, K] copy.
+    Rows past ``sum(group_sizes)`` (static padding of a jitted dispatch) are ignored. Each
+    expert's rows are moved to a ``chunk``-aligned start (at most ``E * (chunk - 1)`` zero rows of
+    padding in all), so every ``chunk`` rows belong to one expert: one batched
+    ``[chunk, K]^T [chunk, K]`` product per chunk, summed per expert. About the FLOPs of the exact
+    per-expert products, where ``ragged_dot_general`` with a ragged contracting dimension falls
+    back to E dense masked products off TPU.
     """
-    x = x_sorted.astype(jnp.float32)
-    group_sizes = group_sizes.astype(jnp.int32)
-    valid = jnp.arange(x.shape[0]) < jnp.sum(group_sizes)
-    x = jnp.where(valid[:, None], x, 0.0)  # a ragged dot leaves trailing rows out; be explicit
-    dn = lax.RaggedDotDimensionNumbers(
-        dot_dimension_numbers=(([1], [0]), ([], [])),
-        lhs_ragged_dimensions=[1],
-        rhs_group_dimensions=[],
-    )
-    xtx = lax.ragged_dot_general(x.T, x, group_sizes, dn, precision=HIGHEST,
-                                 preferred_element_type=jnp.float32)  # [E, K, K]
-    return HessianState(xtx=state.xtx + xtx, count=state.count + group_sizes)
+    m, k = x_sorted.shape
+    e = group_sizes.shape[0]
+    gsz = group_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(gsz)
+    starts = ends - gsz
+    padded = -(-gsz // chunk) * chunk
+    pstarts = jnp.cumsum(padded) - padded
+    per_step = 32  # chunks per scan step: bounds the [per_step, K, K] products held at once
+    n_chunks = -(-(-(-m // chunk) + e) // per_step) * per_step
+    rows = jnp.arange(m, dtype=jnp.int32)
+    expert = jnp.minimum(jnp.searchsorted(ends, rows, side="right"), e - 1)  # [M]
+    dest = pstarts[expert] + rows - starts[expert]
+    dest = jnp.where(rows < ends[-1], dest, n_chunks * chunk)  # dropped: beyond the groups
+    xp = jnp.zeros((n_chunks * chunk, k), jnp.float32).at[dest].set(
+        x_sorted.astype(jnp.float32), mode="drop")
+    chunk_expert = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_chunks) * chunk,
+                                    side="right")  # [n_chunks]; == E for trailing empty chunks
+
+    def step(xtx, inputs):
+        xc, ids = inputs  # [per_step, chunk, K], [per_step]
+        grams = jnp.einsum("bck,bcl->bkl", xc, xc, precision=HIGHEST)
+        return xtx + jax.ops.segment_sum(grams, ids, num_segments=e), None  # drops id E
+
+    xtx, _ = lax.scan(step, state.xtx, (xp.reshape(-1, per_step, chunk, k),
+                                        chunk_expert.reshape(-1, per_step)))
+    return HessianState(xtx=xtx, count=state.count + gsz)
 
 
 @jax.jit
