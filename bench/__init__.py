@@ -1,0 +1,1 @@
+"""Benchmark programs of mxmoe-jax (kernel level: ``python -m bench.gmm``)."""

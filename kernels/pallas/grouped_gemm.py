@@ -1,0 +1,437 @@
+"""Grouped GEMM for every quantization scheme (Pallas, Triton backend): ``out[t] = x[t] @ W[e(t)]``.
+
+Tokens are sorted by expert; ``group_sizes[e]`` rows of ``x`` go to expert ``e``; rows past
+``sum(group_sizes)`` give zeros (as ``lax.ragged_dot``). Inputs and outputs are bf16 (or f16).
+
+Glossary. *tile*: ``bm`` consecutive rows of one expert (the last tile of an expert is partial);
+*block*: what one program loads per step, ``[bm, bk]`` of x and ``[bk, bn]`` of W; *chunk*: 128
+rows of K packed together (sub-byte codes); *split*: one of ``split_k`` K ranges computed by
+separate programs (small token counts need them to fill the GPU).
+
+Tile table. The Triton backend has no scalar prefetch and no dynamic grid, so ``make_tiles``
+computes, with ordinary jnp ops under ``jit``, three int32 arrays (tile -> expert, first row, end
+row) padded to a static bound ``M // bm + E + 1``; padding tiles have ``first == end`` and exit at
+once. Tiles are ordered heaviest first (full tiles before partial ones: the MxMoE paper's greedy
+order), and rows past ``sum(group_sizes)`` get tiles of the pseudo-expert ``E`` that store zeros,
+so every output row is written by the kernel (no memset pass). The grid is one-dimensional;
+program ``p`` decodes to (split fastest, then column block, then tile), so the programs in flight
+at one time share one expert's weight columns in L2.
+
+Split-K. With ``split_k = S > 1`` every program stores an f32 partial into ``[S, M, N]`` and XLA
+sums the partials (one small fused pass); deterministic and identical in interpret mode, unlike
+atomics.
+
+Weight layouts (built by ``mxmoe_jax.quant.packing.pack``; its docstring is the byte-level spec):
+
+* bf16 / f16: ``[E, K, N]`` as is.
+* weight-only w8/w4/w3/w2 (``a_bits = 16``): unsigned codes ``u = code + bias`` in ``[E, Kp/v, N]``
+  uint8; sub-byte codes packed along K in 128-row chunks so that bits ``[j*s, (j+1)*s)`` of byte
+  row ``r`` hold K row ``j * 128/v + r`` of the chunk. A chunk step loads one byte tile and
+  unpacks it with a shift and a mask into ``v`` K-slices, each multiplied with its own slice of x
+  loaded through the ref (loaded values are never sliced or interleaved). The dot runs on the
+  integer codes converted to bf16 (exact), and scale and offset are applied to the f32 partial
+  after the dot, per K-group: ``x @ (u * s + z) = (x @ u) * s + rowsum(x) * z`` with
+  ``z = offset - bias * s``. So no weight element is multiplied by a scale in registers: the only
+  per-element work is unpack + convert (BENCHMARKS.md measured that per-element work is what costs).
+  w3 codes are stored in nibbles (same speed as w4; the 3-bit storage saving is not realised).
+* w8a8 / w4a8 / w4a4 int: signed codes K-major ``[E, N, Kp/v]`` (int8 MMA wants both operands
+  K-major); nibbles are two's complement, sign-extended with ``(p << 4) >> 4`` and ``p >> 4``.
+  Activations are quantized per token (and per K-group for g128) by ``act_quant``; the int32
+  partial is scaled by ``x_scale[m] * w_scale[n]`` per K-group (once at the end for g-1).
+* fp8 e4m3: ``[E, N, K]`` float8 codes, per-channel weight and per-token activation scales.
+
+Block shapes are powers of two; ragged tails of M, N and K are masked loads/stores.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from mxmoe_jax.quant import packing
+from mxmoe_jax.quant.packing import PackedWeight
+from mxmoe_jax.quant.scheme import W16A16, QScheme
+
+with warnings.catch_warnings():
+    # The Triton backend is deprecated in JAX 0.11/0.12 but still the fastest path here (DESIGN.md).
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from jax.experimental.pallas import triton as plgpu
+
+from . import act_quant, tuning  # noqa: E402
+from .tile_config import TileConfig  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# tile table
+# ---------------------------------------------------------------------------------------------
+def num_tiles_bound(m: int, e: int, bm: int) -> int:
+    """Static bound on tiles: sum_e ceil(g_e / bm) + ceil(rest / bm) <= M // bm + E + 1."""
+    return m // bm + e + 1
+
+
+def make_tiles(group_sizes: jax.Array, m: int, bm: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Tile table (expert, first row, end row), each int32 ``[num_tiles_bound]``, heaviest first.
+
+    Expert ``E`` (one past the last) marks tiles of rows past ``sum(group_sizes)`` (zeros out).
+    """
+    e = group_sizes.shape[0]
+    gs = group_sizes.astype(jnp.int32)
+    rest = jnp.maximum(m - jnp.sum(gs), 0)
+    gs = jnp.concatenate([gs, rest[None]])  # [E + 1]
+    ends = jnp.cumsum(gs)
+    starts = ends - gs
+    counts = (gs + bm - 1) // bm  # tiles per expert
+    tile_ends = jnp.cumsum(counts)
+    bound = num_tiles_bound(m, e, bm)
+    j = jnp.arange(bound, dtype=jnp.int32)
+    expert = jnp.searchsorted(tile_ends, j, side="right").astype(jnp.int32)  # E+1 for padding
+    valid = expert <= e
+    ex = jnp.minimum(expert, e)
+    local = j - (tile_ends[ex] - counts[ex])
+    row0 = starts[ex] + local * bm
+    row1 = jnp.minimum(row0 + bm, ends[ex])
+    row0 = jnp.where(valid, row0, 0)
+    row1 = jnp.where(valid, row1, 0)
+    # heaviest first (full tiles, then partial, then padding), stable so experts stay together
+    order = jnp.argsort(-(row1 - row0), stable=True)
+    return ex[order], row0[order], row1[order]
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+def _dot(a, b, *, trans_b: bool = False):
+    """``a @ b`` (or ``a @ b.T``) accumulated in f32, or int32 for integer operands."""
+    out = jnp.int32 if jnp.issubdtype(a.dtype, jnp.integer) else jnp.float32
+    dims = (((1,), (1,)), ((), ())) if trans_b else (((1,), (0,)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=out)
+
+
+def _decode_pid(n_blocks: int, splits: int):
+    pid = pl.program_id(0)
+    s = pid % splits
+    rest = pid // splits
+    return rest // n_blocks, rest % n_blocks, s
+
+
+def _store(o_ref, acc, s, r0, rows_ok, n0, bn, cols_ok, splits):
+    mask = rows_ok[:, None] & cols_ok[None, :]
+    if splits > 1:
+        plgpu.store(o_ref.at[s, pl.ds(r0, acc.shape[0]), pl.ds(n0, bn)],
+                    acc.astype(o_ref.dtype), mask=mask)
+    else:
+        plgpu.store(o_ref.at[pl.ds(r0, acc.shape[0]), pl.ds(n0, bn)],
+                    acc.astype(o_ref.dtype), mask=mask)
+
+
+def _gmm_wonly_kernel(
+    # inputs
+    tile_expert_ref, tile_row0_ref, tile_row1_ref, x_ref, w_ref, scale_ref, offset_ref,
+    # outputs
+    o_ref,
+    *, scheme: QScheme, cfg: TileConfig, k: int, n: int, e: int, n_blocks: int, steps: int,
+    step_k: int,
+):
+    """bf16/f16 and weight-only (w8/w4/w3/w2 a16) body; see the module docstring."""
+    t, j, s = _decode_pid(n_blocks, cfg.split_k)
+    ex = tile_expert_ref[t]
+    r0 = tile_row0_ref[t]
+    r1 = tile_row1_ref[t]
+    bm, bn = cfg.bm, cfg.bn
+    n0 = j * bn
+
+    @pl.when(r1 > r0)
+    def _():
+        rows_ok = (r0 + jnp.arange(bm)) < r1
+        cols = n0 + jnp.arange(bn)
+        cols_ok = cols < n
+        el = jnp.minimum(ex, e - 1)  # pseudo-expert E (zero rows) loads expert E-1, then zeroes
+        quant = scheme.w_bits != 16
+        bits = packing.storage_bits(scheme) if quant else 16
+        v = 8 // bits if quant else 1
+        grouped = quant and scheme.group_size != -1
+        sub = step_k // v  # K rows of one slice
+
+        def load_x(k0):
+            ks = k0 + jnp.arange(sub)
+            return plgpu.load(x_ref.at[pl.ds(r0, bm), pl.ds(k0, sub)],
+                              mask=rows_ok[:, None] & (ks < k)[None, :], other=0.0)
+
+        def load_vec(ref, g):
+            return plgpu.load(ref.at[el, jnp.int32(g), pl.ds(n0, bn)], mask=cols_ok,
+                              other=0.0).astype(jnp.float32)
+
+        def body(i, carry):
+            acc, rs = carry
+            step = s * steps + i
+            k0 = step * step_k
+            if not quant:
+                ks = k0 + jnp.arange(step_k)
+                xa = load_x(k0)
+                wb = plgpu.load(w_ref.at[el, pl.ds(k0, step_k), pl.ds(n0, bn)],
+                                mask=(ks < k)[:, None] & cols_ok[None, :], other=0.0)
+                return acc + _dot(xa, wb.astype(xa.dtype)), rs
+            rows_p = step * sub + jnp.arange(sub)  # packed byte rows of this step
+            kp_rows = w_ref.shape[1]
+            p = plgpu.load(w_ref.at[el, pl.ds(step * sub, sub), pl.ds(n0, bn)],
+                           mask=(rows_p < kp_rows)[:, None] & cols_ok[None, :], other=0)
+            part = jnp.zeros((bm, bn), jnp.float32)
+            xsum = jnp.zeros((bm,), jnp.float32)
+            for jj in range(v):
+                xa = load_x(k0 + jj * sub)
+                u = p if v == 1 else (p >> (jj * bits)) & ((1 << bits) - 1)
+                part = part + _dot(xa, u.astype(xa.dtype))
+                xsum = xsum + jnp.sum(xa.astype(jnp.float32), axis=1)
+            if grouped:
+                # clamp: a split's steps past K (x and codes masked to 0) read the last group
+                g = jnp.minimum(k0 // scheme.group_size, scale_ref.shape[1] - 1)
+                sc = load_vec(scale_ref, g)
+                z = -packing.code_bias(scheme) * sc
+                if offset_ref is not None:
+                    z = z + load_vec(offset_ref, g)
+                return acc + part * sc[None, :] + xsum[:, None] * z[None, :], rs
+            return acc + part, rs + xsum
+
+        init = (jnp.zeros((bm, bn), jnp.float32), jnp.zeros((bm,), jnp.float32))
+        acc, rs = lax.fori_loop(0, steps, body, init)
+        if quant and not grouped:
+            sc = load_vec(scale_ref, 0)
+            z = -packing.code_bias(scheme) * sc
+            if offset_ref is not None:
+                z = z + load_vec(offset_ref, 0)
+            acc = acc * sc[None, :] + rs[:, None] * z[None, :]
+        acc = jnp.where(ex < e, acc, 0.0)
+        _store(o_ref, acc, s, r0, rows_ok, n0, bn, cols_ok, cfg.split_k)
+
+
+def _gmm_wa_kernel(
+    # inputs
+    tile_expert_ref, tile_row0_ref, tile_row1_ref, xq_ref, xs_ref, w_ref, ws_ref,
+    # outputs
+    o_ref,
+    *, scheme: QScheme, cfg: TileConfig, k: int, n: int, e: int, n_blocks: int, steps: int,
+    step_k: int,
+):
+    """Weight-activation body (int8 MMA for w8a8/w4a8/w4a4, fp8 MMA for e4m3)."""
+    t, j, s = _decode_pid(n_blocks, cfg.split_k)
+    ex = tile_expert_ref[t]
+    r0 = tile_row0_ref[t]
+    r1 = tile_row1_ref[t]
+    bm, bn = cfg.bm, cfg.bn
+    n0 = j * bn
+
+    @pl.when(r1 > r0)
+    def _():
+        rows_ok = (r0 + jnp.arange(bm)) < r1
+        cols_ok = (n0 + jnp.arange(bn)) < n
+        el = jnp.minimum(ex, e - 1)
+        bits = packing.storage_bits(scheme)
+        v = 8 // bits
+        sub = step_k // v
+        grouped = scheme.group_size != -1
+        acc_dtype = jnp.float32 if (scheme.fp8 or grouped) else jnp.int32
+        part_dtype = jnp.float32 if scheme.fp8 else jnp.int32
+        kw = w_ref.shape[2]  # packed K columns
+
+        def body(i, acc):
+            step = s * steps + i
+            k0 = step * step_k
+            cols_p = step * sub + jnp.arange(sub)
+            p = plgpu.load(w_ref.at[el, pl.ds(n0, bn), pl.ds(step * sub, sub)],
+                           mask=cols_ok[:, None] & (cols_p < kw)[None, :], other=0)
+            part = jnp.zeros((bm, bn), part_dtype)
+            for jj in range(v):
+                ks = k0 + jj * sub + jnp.arange(sub)
+                xa = plgpu.load(xq_ref.at[pl.ds(r0, bm), pl.ds(k0 + jj * sub, sub)],
+                                mask=rows_ok[:, None] & (ks < k)[None, :], other=0)
+                if v == 1:
+                    wq = p
+                elif jj == 0:
+                    wq = (p << 4) >> 4  # sign-extend the low nibble
+                else:
+                    wq = p >> 4  # arithmetic shift keeps the sign of the high nibble
+                part = part + _dot(xa, wq, trans_b=True)
+            if grouped:
+                g = jnp.minimum(k0 // scheme.group_size, ws_ref.shape[1] - 1)
+                xsc = plgpu.load(xs_ref.at[pl.ds(r0, bm), g], mask=rows_ok, other=0.0)
+                wsc = plgpu.load(ws_ref.at[el, g, pl.ds(n0, bn)], mask=cols_ok,
+                                 other=0.0).astype(jnp.float32)
+                return acc + part.astype(jnp.float32) * xsc[:, None] * wsc[None, :]
+            return acc + part.astype(acc_dtype)
+
+        acc = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), acc_dtype))
+        if not grouped:
+            xsc = plgpu.load(xs_ref.at[pl.ds(r0, bm), jnp.int32(0)], mask=rows_ok, other=0.0)
+            wsc = plgpu.load(ws_ref.at[el, jnp.int32(0), pl.ds(n0, bn)], mask=cols_ok,
+                             other=0.0).astype(jnp.float32)
+            acc = acc.astype(jnp.float32) * xsc[:, None] * wsc[None, :]
+        acc = jnp.where(ex < e, acc, 0.0)
+        _store(o_ref, acc, s, r0, rows_ok, n0, bn, cols_ok, cfg.split_k)
+
+
+# ---------------------------------------------------------------------------------------------
+# wrappers
+# ---------------------------------------------------------------------------------------------
+def _step_k(scheme: QScheme, cfg: TileConfig) -> int:
+    """K per step: the 128-row chunk for sub-byte codes or K-grouped scales, else ``bk``."""
+    if scheme.w_bits != 16 and (packing.storage_bits(scheme) < 8 or scheme.group_size != -1):
+        return packing.CHUNK
+    return cfg.bk
+
+
+def _check_scheme(scheme: QScheme):
+    if scheme.group_size != -1 and scheme.group_size % packing.CHUNK:
+        raise ValueError(
+            f"group_size: kernels support -1 or multiples of {packing.CHUNK}, got "
+            f"{scheme.group_size} ({scheme.name}); use impl='reference'")
+
+
+def _launch(kernel, args, *, out_m, n, cfg, n_tiles, n_blocks, out_dtype, interpret, name):
+    splits = cfg.split_k
+    shape = (splits, out_m, n) if splits > 1 else (out_m, n)
+    dtype = jnp.float32 if splits > 1 else out_dtype
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(shape, dtype),
+        grid=(n_tiles * n_blocks * splits,),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
+                                             num_stages=cfg.num_stages),
+        interpret=interpret,
+        name=name,
+    )(*args)
+    if splits > 1:
+        out = jnp.sum(out, axis=0).astype(out_dtype)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("scheme", "cfg", "interpret"))
+def _gmm_wonly(x, w, scale, offset, group_sizes, *, scheme, cfg, interpret):
+    m, k = x.shape
+    e = group_sizes.shape[0]
+    n = w.shape[-1]
+    step_k = _step_k(scheme, cfg)
+    kp = packing.padded_k(scheme, k) if scheme.w_bits != 16 else k
+    total_steps = -(-kp // step_k)
+    steps = -(-total_steps // cfg.split_k)
+    n_blocks = -(-n // cfg.bn)
+    tiles = make_tiles(group_sizes, m, cfg.bm)
+    kernel = functools.partial(
+        _gmm_wonly_kernel, scheme=scheme, cfg=cfg, k=k, n=n, e=e, n_blocks=n_blocks,
+        steps=steps, step_k=step_k)
+    if offset is None:
+        kernel = _drop_arg(kernel, 6)
+        args = (*tiles, x, w, scale)
+    else:
+        args = (*tiles, x, w, scale, offset)
+    if scale is None:
+        kernel = _drop_arg(kernel, 5)
+        args = args[:5]
+    return _launch(kernel, args, out_m=m, n=n, cfg=cfg, n_tiles=tiles[0].shape[0],
+                   n_blocks=n_blocks, out_dtype=x.dtype, interpret=interpret,
+                   name=f"gmm_{scheme.name}")
+
+
+@functools.partial(jax.jit, static_argnames=("scheme", "cfg", "interpret", "out_dtype"))
+def _gmm_wa(xq, xs, w, ws, group_sizes, *, scheme, cfg, interpret, out_dtype):
+    m, k = xq.shape
+    e = group_sizes.shape[0]
+    n = w.shape[1]
+    step_k = _step_k(scheme, cfg)
+    kp = packing.padded_k(scheme, k)
+    total_steps = -(-kp // step_k)
+    steps = -(-total_steps // cfg.split_k)
+    n_blocks = -(-n // cfg.bn)
+    tiles = make_tiles(group_sizes, m, cfg.bm)
+    kernel = functools.partial(
+        _gmm_wa_kernel, scheme=scheme, cfg=cfg, k=k, n=n, e=e, n_blocks=n_blocks,
+        steps=steps, step_k=step_k)
+    return _launch(kernel, (*tiles, xq, xs, w, ws), out_m=m, n=n, cfg=cfg,
+                   n_tiles=tiles[0].shape[0], n_blocks=n_blocks, out_dtype=out_dtype,
+                   interpret=interpret, name=f"gmm_{scheme.name}")
+
+
+def _drop_arg(kernel, index):
+    """Kernel wrapper that takes one ref fewer and passes None in its place."""
+
+    def wrapped(*refs):
+        refs = list(refs)
+        refs.insert(index, None)
+        return kernel(*refs)
+
+    return wrapped
+
+
+def _validate(x, w, group_sizes, scheme):
+    if x.ndim != 2:
+        raise ValueError(f"x: expected [M, K], got shape {x.shape}")
+    if x.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"x: dtype {x.dtype} must be bfloat16 or float16")
+    if group_sizes.ndim != 1 or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(
+            f"group_sizes: expected int [E], got {group_sizes.dtype}{group_sizes.shape}")
+    e = group_sizes.shape[0]
+    if isinstance(w, PackedWeight):
+        if w.scheme != scheme:
+            raise ValueError(f"scheme: {scheme.name} given but weights are {w.scheme.name}")
+        if w.qweight.ndim != 3 or w.lead_shape != (e,):
+            raise ValueError(f"w: expected {e} experts of packed weights, got {w.lead_shape}")
+        if w.k != x.shape[1]:
+            raise ValueError(f"w: K={w.k} does not match x's K={x.shape[1]}")
+    else:
+        if scheme != W16A16:
+            raise ValueError(f"w: scheme {scheme.name} needs PackedWeight (quant.packing.pack)")
+        if w.ndim != 3 or w.shape[0] != e or w.shape[1] != x.shape[1]:
+            raise ValueError(f"w: expected [E={e}, K={x.shape[1]}, N], got shape {w.shape}")
+
+
+def gmm(x: jax.Array, w: PackedWeight | jax.Array, group_sizes: jax.Array, *,
+        scheme: QScheme | str | None = None, tile: TileConfig | None = None,
+        interpret: bool = False) -> jax.Array:
+    """Pallas grouped GEMM ``[M, K] x [E, K, N] -> [M, N]`` for any scheme (the kernel itself).
+
+    ``w`` is a bf16/f16 array ``[E, K, N]`` (w16a16) or a ``PackedWeight``; ``scheme`` defaults to
+    the weight's. Weight-activation schemes quantize ``x`` with ``act_quant.quantize_activations``
+    first (a Pallas kernel). ``tile`` defaults to ``tuning.choose_tile``.
+    """
+    if scheme is None:
+        scheme = w.scheme if isinstance(w, PackedWeight) else W16A16
+    scheme = QScheme.parse(scheme)
+    _validate(x, w, group_sizes, scheme)
+    _check_scheme(scheme)
+    m, k = x.shape
+    e = group_sizes.shape[0]
+    n = w.n if isinstance(w, PackedWeight) else w.shape[-1]
+    if tile is None:
+        tile = tuning.choose_tile(scheme, m=m, e=e, n=n, k=k)
+    if m == 0:
+        return jnp.zeros((0, n), x.dtype)
+    if scheme.weight_only:
+        if isinstance(w, PackedWeight):
+            return _gmm_wonly(x, w.qweight, w.scale, w.offset, group_sizes, scheme=scheme,
+                              cfg=tile, interpret=interpret)
+        return _gmm_wonly(x, w, None, None, group_sizes, scheme=scheme, cfg=tile,
+                          interpret=interpret)
+    xq, xs = act_quant.quantize_activations(x, scheme, interpret=interpret)
+    return _gmm_wa(xq, xs, w.qweight, w.scale, group_sizes, scheme=scheme, cfg=tile,
+                   interpret=interpret, out_dtype=x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# references (pure jnp; no kernel helpers)
+# ---------------------------------------------------------------------------------------------
+def gmm_reference(x: jax.Array, w_f32: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """f32 ``out[t] = x[t] @ w[e(t)]`` from already dequantized f32 weights ``[E, K, N]``."""
+    return lax.ragged_dot(x.astype(jnp.float32), w_f32.astype(jnp.float32),
+                          group_sizes.astype(jnp.int32), precision=lax.Precision.HIGHEST,
+                          preferred_element_type=jnp.float32)
+
+
+def tile_flops(m: int, k: int, n: int) -> float:
+    """Useful FLOPs of a grouped GEMM (2 M K N)."""
+    return 2.0 * m * k * n
+

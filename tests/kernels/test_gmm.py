@@ -1,0 +1,152 @@
+"""Grouped GEMM kernels vs the pure-jnp reference, every scheme, awkward group sizes and shapes.
+
+Runs the real kernel bodies in Pallas interpret mode on the CPU (and compiled too on a GPU).
+Reference: ``grouped_matmul_reference`` (weights dequantized by the quantization core, f32
+``lax.ragged_dot``). Tolerances (relative Frobenius error) by output dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from mxmoe_jax.kernels.pallas import TileConfig, gmm, make_tiles
+from mxmoe_jax.kernels.pallas import grouped_gemm as gmm_mod
+from mxmoe_jax.kernels.pallas.dispatch import grouped_matmul, grouped_matmul_reference
+
+from mxmoe_jax.quant import act, packing
+from mxmoe_jax.quant.rtn import quantize_rtn
+from mxmoe_jax.quant.scheme import QScheme
+
+# relative error vs the f32 reference (the output is rounded to bf16/f16 once)
+TOL = {jnp.bfloat16: 8e-3, jnp.float16: 1e-3}
+
+# (group_sizes, M): empty experts, a one-token expert, partial tiles, trailing rows past the sum
+GROUPS = {
+    "mixed": ([0, 1, 37, 0, 5], 48),
+    "one_expert": ([0, 0, 23, 0], 23),
+    "all_empty_but_last": ([0, 0, 0, 2], 2),
+}
+SMALL = TileConfig(bm=16, bn=32, bk=32, split_k=1, num_warps=4, num_stages=2)
+SPLIT = TileConfig(bm=32, bn=64, bk=64, split_k=3, num_warps=4, num_stages=2)
+
+
+def _data(groups, k, n, dtype=jnp.bfloat16, seed=0):
+    gs, m = GROUPS[groups]
+    kx, kw = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (m, k), jnp.float32).astype(dtype)
+    w = jax.random.normal(kw, (len(gs), k, n), jnp.float32)
+    return x, w, jnp.asarray(gs, jnp.int32)
+
+
+def _rel(a, b):
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def test_make_tiles_cover_every_row_once():
+    gs = jnp.asarray([0, 1, 37, 0, 5], jnp.int32)
+    m, bm = 50, 16
+    ex, r0, r1 = (np.asarray(a) for a in make_tiles(gs, m, bm))
+    assert len(ex) == m // bm + len(gs) + 1
+    cover = np.zeros(m, int)
+    ends = np.cumsum(np.asarray(gs))
+    for e, a, b in zip(ex, r0, r1, strict=False):
+        assert 0 <= b - a <= bm
+        cover[a:b] += 1
+        if b > a and e < len(gs):
+            assert ends[e] - gs[e] <= a and b <= ends[e]  # a tile never crosses experts
+        if b > a and e == len(gs):
+            assert a >= ends[-1]  # the pseudo-expert covers only rows past the sum
+    np.testing.assert_array_equal(cover, 1)
+    sizes = r1 - r0
+    assert np.all(np.diff(sizes) <= 0)  # heaviest first
+
+
+@pytest.mark.parametrize("groups", list(GROUPS))
+@pytest.mark.parametrize("tile", [SMALL, SPLIT], ids=["small", "split3"])
+def test_bf16(groups, tile, interpret):
+    x, w, gs = _data(groups, 200, 72)
+    wb = w.astype(jnp.bfloat16)
+    out = gmm(x, wb, gs, tile=tile, interpret=interpret)
+    ref = grouped_matmul_reference(x, wb, gs)
+    assert out.shape == ref.shape and out.dtype == jnp.bfloat16
+    assert _rel(out, ref) < TOL[jnp.bfloat16]
+
+
+def test_f16_k1408(interpret):
+    x, w, gs = _data("mixed", 1408, 40, dtype=jnp.float16)
+    wh = w.astype(jnp.float16)
+    out = gmm(x, wh, gs, tile=SPLIT, interpret=interpret)
+    assert out.dtype == jnp.float16
+    assert _rel(out, grouped_matmul_reference(x, wh, gs)) < TOL[jnp.float16]
+
+
+WONLY = [("w8a16_g-1_asym", 200), ("w8a16_g128_sym", 384), ("w4a16_g128_asym", 384),
+         ("w4a16_g-1_sym", 200), ("w3a16_g128_asym", 384), ("w2a16_g128_asym", 384),
+         ("w2a16_g-1_sym", 200), ("w4a16_g128_sym", 1408)]
+
+
+@pytest.mark.parametrize("name,k", WONLY)
+def test_weight_only(name, k, interpret):
+    x, w, gs = _data("mixed", k, 72, seed=k)
+    p = packing.pack(quantize_rtn(w, name))
+    ref = grouped_matmul_reference(x, p, gs)
+    for tile in (SMALL, SPLIT):
+        out = gmm(x, p, gs, tile=tile, interpret=interpret)
+        assert _rel(out, ref) < TOL[jnp.bfloat16], tile
+
+
+WA = [("w8a8_g-1_sym", 200), ("w4a8_g-1_sym", 200), ("w4a4_g-1_sym", 200),
+      ("w4a4_g128_sym", 384), ("w8a8_g-1_fp8", 200)]
+
+
+@pytest.mark.parametrize("name,k", WA)
+@pytest.mark.parametrize("groups", ["mixed", "one_expert"])
+def test_weight_activation_gemm(name, k, groups, interpret):
+    """The GEMM part alone, fed the reference's activation codes: equal to f32 math."""
+    s = QScheme.parse(name)
+    x, w, gs = _data(groups, k, 72, seed=k + 1)
+    qw = quantize_rtn(w, s)
+    p = packing.pack(qw)
+    xq, xs = act.quantize_activations(x, s)
+    ref = grouped_matmul_reference(x, p, gs)
+    for tile in (SMALL, SPLIT):
+        out = gmm_mod._gmm_wa(xq, xs, p.qweight, p.scale, gs, scheme=s, cfg=tile,
+                              interpret=interpret, out_dtype=jnp.bfloat16)
+        assert _rel(out, ref) < TOL[jnp.bfloat16], tile
+
+
+@pytest.mark.parametrize("name", ["w8a8_g-1_sym", "w4a4_g128_sym", "w8a8_g-1_fp8"])
+def test_weight_activation_end_to_end(name, interpret):
+    """With the activation-quantization kernel in front: a rounding tie may flip one code."""
+    k = 384
+    x, w, gs = _data("mixed", k, 72, seed=5)
+    p = packing.pack(quantize_rtn(w, name))
+    out = gmm(x, p, gs, tile=SMALL, interpret=interpret)
+    tol = 3e-2 if QScheme.parse(name).a_bits == 4 else 1e-2
+    assert _rel(out, grouped_matmul_reference(x, p, gs)) < tol
+
+
+def test_dispatch_reference_on_cpu_and_errors():
+    x, w, gs = _data("mixed", 128, 32)
+    wb = w.astype(jnp.bfloat16)
+    out = grouped_matmul(x, wb, gs, impl="reference")
+    assert _rel(out, grouped_matmul_reference(x, wb, gs)) == 0
+    with pytest.raises(ValueError, match="impl"):
+        grouped_matmul(x, wb, gs, impl="fast")
+    qw = quantize_rtn(w, "w4a16_g128_asym")
+    with pytest.raises(ValueError, match="scheme"):
+        grouped_matmul(x, qw, gs, scheme="w8a8_g-1_sym", impl="interpret")
+    with pytest.raises(ValueError, match="group_size"):
+        gmm(x, packing.pack(quantize_rtn(w, "w4a16_g64_asym")), gs, interpret=True)
+    with pytest.raises(ValueError, match="K="):
+        gmm(x[:, :64], wb, gs, interpret=True)
+
+
+def test_rows_past_the_sum_are_zero(interpret):
+    x, w, gs = _data("mixed", 64, 32)
+    out = gmm(x, w.astype(jnp.bfloat16), gs, tile=SMALL, interpret=interpret)
+    assert np.all(np.asarray(out[43:], np.float32) == 0)
