@@ -48,6 +48,11 @@ def device_time_us(fn, *args, n: int = 20, warmup: int = 3, detail: bool = False
                 out = fn(*args)
             jax.block_until_ready(out)
         events = _gpu_events(tmp)
+    if os.environ.get("MXMOE_TIMING_DEBUG"):
+        seen: dict[str, int] = {}
+        for ln, _, _ in events:
+            seen[ln] = seen.get(ln, 0) + 1
+        print(f"[timing] GPU lines (events): {seen}", flush=True)
     if not events:
         raise RuntimeError("the trace holds no GPU kernel events (is this a GPU?)")
     # streams can be listed twice (per-stream lines and an all-streams line): keep one kind
