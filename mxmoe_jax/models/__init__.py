@@ -4,6 +4,7 @@ Public API (see ``model.py`` for the parameter paths and ``moe.py`` for the MoE 
 
     MoECausalLM(cfg, *, dtype, param_dtype, rngs)(input_ids [B, T]) -> logits [B, T, V] f32
     forward(model, ids)                      jitted call
+    forward_hidden(model, ids, capture=...)  jitted call + each layer's MoE-block input
     param_shapes(cfg) / from_flat_params(cfg, flat, dtype) / to_flat_params(model)
 """
 
@@ -12,6 +13,7 @@ from mxmoe_jax.models.model import (
     DecoderLayer,
     MoECausalLM,
     forward,
+    forward_hidden,
     from_flat_params,
     param_shapes,
     to_flat_params,
@@ -27,6 +29,7 @@ __all__ = [
     "dispatch",
     "experts_forward",
     "forward",
+    "forward_hidden",
     "from_flat_params",
     "param_shapes",
     "route",

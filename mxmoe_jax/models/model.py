@@ -10,13 +10,15 @@ Parameter paths (NNX state, "/"-joined as flat keys; linear kernels are ``[in, o
     layers/{i}/mlp/shared/{gate,up,down}_proj/kernel; mlp/shared_gate/kernel [D, 1]
     final_norm/scale [D]; lm_head/kernel [D, V] (absent when tie_word_embeddings)
 
-``forward(model, ids)`` is the jitted ``model(ids)``; ``param_shapes``, ``from_flat_params`` and
+``forward(model, ids)`` is the jitted ``model(ids)``; ``forward_hidden`` also returns the MoE-block
+inputs of chosen layers (calibration); ``param_shapes``, ``from_flat_params`` and
 ``to_flat_params`` let conversion and checkpoints work on flat dicts without NNX internals.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +107,43 @@ class MoECausalLM(nnx.Module):
 def forward(model: MoECausalLM, input_ids: jax.Array) -> jax.Array:
     """Jitted ``model(input_ids)``: ``[B, T] int32 -> [B, T, V] f32``."""
     return model(input_ids)
+
+
+@partial(nnx.jit, static_argnames=("capture", "with_logits"))
+def _forward_hidden(model: MoECausalLM, input_ids: jax.Array, *, capture: tuple[int, ...],
+                    with_logits: bool):
+    x = model.embed_tokens(input_ids)
+    positions = jnp.arange(input_ids.shape[1], dtype=jnp.int32)
+    captured = {}
+    last = max(capture, default=-1) if not with_logits else model.cfg.num_layers - 1
+    for i, layer in enumerate(model.layers):
+        if i > last:
+            break  # nothing after the last captured layer is needed
+        h = layer.attention_residual(x, positions)
+        mlp_in = layer.post_attn_norm(h)
+        if i in capture:
+            captured[i] = mlp_in
+        x = h + layer.mlp(mlp_in)
+    return (model.logits(x) if with_logits else None), captured
+
+
+def forward_hidden(model: MoECausalLM, input_ids: jax.Array, *,
+                   capture: Iterable[int] | None = None,
+                   with_logits: bool = True) -> tuple[jax.Array | None, dict[int, jax.Array]]:
+    """Jitted forward that also returns each requested layer's MLP / MoE-block input.
+
+    ``capture``: layer indices (default: every MoE layer). The captured value of layer i is
+    ``post_attn_norm(x + attn(input_norm(x)))`` ``[B, T, D]`` in the model dtype: exactly what
+    ``model.layers[i].mlp`` receives, so ``model.layers[i].mlp(captured[i])`` reproduces the
+    block's output (and ``mlp.routed`` / ``moe.route`` its pieces). With ``with_logits=False``
+    the layers after the last captured one are skipped and logits are None.
+    """
+    cfg = model.cfg
+    layers = cfg.moe_layers if capture is None else tuple(sorted({int(i) for i in capture}))
+    bad = [i for i in layers if not 0 <= i < cfg.num_layers]
+    if bad:
+        raise ValueError(f"capture: layer indices {bad} outside 0..{cfg.num_layers - 1}")
+    return _forward_hidden(model, input_ids, capture=layers, with_logits=with_logits)
 
 
 # ------------------------------------------------------------------------------ flat params

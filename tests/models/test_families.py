@@ -21,6 +21,7 @@ from mxmoe_jax.models import (
     Attention,
     MoECausalLM,
     forward,
+    forward_hidden,
     from_flat_params,
     param_shapes,
     to_flat_params,
@@ -225,3 +226,25 @@ def test_deepseek_v2_builds_with_mla():
     model = MoECausalLM(cfg, rngs=nnx.Rngs(7))
     logits = forward(model, jnp.zeros((1, 5), jnp.int32))
     assert logits.shape == (1, 5, 40) and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_forward_hidden_captures_moe_inputs():
+    cfg = cfg_of("qwen2_moe", num_hidden_layers=3, mlp_only_layers=[1])
+    model = MoECausalLM(cfg, rngs=nnx.Rngs(8))
+    ids = jnp.asarray(RNG.integers(0, 40, (2, 6)), jnp.int32)
+    logits, cap = forward_hidden(model, ids)
+    assert sorted(cap) == [0, 2]  # default: the MoE layers
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(forward(model, ids)), atol=1e-6)
+    # an eager walk through the layers: each MoE block's input is post_attn_norm(x + attn)
+    x, pos = model.embed_tokens(ids), jnp.arange(6)
+    for i, layer in enumerate(model.layers):
+        h = x + layer.attn(layer.input_norm(x), pos)
+        if i in cap:
+            np.testing.assert_allclose(np.asarray(cap[i]), np.asarray(layer.post_attn_norm(h)),
+                                       rtol=1e-5, atol=1e-6)
+        x = h + layer.mlp(layer.post_attn_norm(h))
+    none, early = forward_hidden(model, ids, capture=[0], with_logits=False)
+    assert none is None and list(early) == [0]
+    np.testing.assert_allclose(np.asarray(early[0]), np.asarray(cap[0]), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="capture"):
+        forward_hidden(model, ids, capture=[3])
