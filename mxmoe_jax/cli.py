@@ -15,6 +15,7 @@ _COMMANDS = (
     "mxmoe_jax.convert.cli",
     "mxmoe_jax.convert.export_cli",
     "mxmoe_jax.eval.cli",
+    "mxmoe_jax.pipeline",
 )
 
 

@@ -33,7 +33,7 @@ def read_texts(files: Sequence[str | os.PathLike]) -> str:
 
 
 def tokenize_texts(tokenizer, files: Sequence[str | os.PathLike]) -> np.ndarray:
-    return np.asarray(tokenizer(read_texts(files))["input_ids"], dtype=np.int32)
+    return np.asarray(tokenizer(read_texts(files), verbose=False)["input_ids"], dtype=np.int32)
 
 
 def sample_windows(ids: np.ndarray, seqlen: int, nsamples: int, seed: int = 42) -> np.ndarray:

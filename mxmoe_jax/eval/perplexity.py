@@ -35,19 +35,21 @@ class PerplexityResult:
 
 def load_tokenizer(path: str | os.PathLike):
     """The HF tokenizer saved in ``path`` (a MODEL_DIR or HF folder); never downloads."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found" notice
     from transformers import AutoTokenizer
 
     path = Path(path)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise FileNotFoundError(
-            f"no tokenizer in {path} (tokenizer.json / tokenizer_config.json); pass --tokenizer DIR")
+            f"no tokenizer in {path} (tokenizer.json / tokenizer_config.json); "
+            "pass --tokenizer DIR")
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 def tokenize_file(tokenizer, text_file: str | os.PathLike) -> np.ndarray:
     """The whole file tokenized once with the tokenizer's defaults: [n] int32."""
     text = Path(text_file).read_text(encoding="utf-8")
-    ids = tokenizer(text)["input_ids"]
+    ids = tokenizer(text, verbose=False)["input_ids"]  # whole file: no model_max_length warning
     return np.asarray(ids, dtype=np.int32)
 
 
@@ -61,7 +63,8 @@ def windows(ids: np.ndarray, seqlen: int, max_windows: int | None = None) -> np.
             raise ValueError(f"max_windows: {max_windows} must be positive")
         n = min(n, max_windows)
     if n == 0:
-        raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of seqlen={seqlen}")
+        raise ValueError(
+            f"the text has {len(ids)} tokens, fewer than one window of seqlen={seqlen}")
     return ids[: n * seqlen].reshape(n, seqlen)
 
 
