@@ -14,6 +14,8 @@ import sys
 _COMMANDS = (
     "mxmoe_jax.convert.cli",
     "mxmoe_jax.convert.export_cli",
+    "mxmoe_jax.calib.trace_cli",
+    "mxmoe_jax.calib.calibrate_cli",
     "mxmoe_jax.eval.cli",
     "mxmoe_jax.pipeline",
 )

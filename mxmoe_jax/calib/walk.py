@@ -1,0 +1,165 @@
+"""Walking a model layer by layer on calibration tokens, with the MoE pieces exposed as arrays.
+
+Tracing and calibration both need, for every decoder layer, the FP hidden state entering the MoE
+block (after attention and the post-attention norm) and the layer output (the next layer's FP
+input, so quantization errors never accumulate: the original's protocol). Attention and norms run
+through the model's own modules (``DecoderLayer.attention_residual``, ``post_attn_norm``, dense
+``mlp``); the MoE block runs here on its parameters as plain arrays, with the model's routing
+(``models.moe.route``) and the padded per-expert groups of ``loss.py``: the same function as
+``MoEBlock.__call__`` (tested to match it), but dense batched matmuls instead of a ragged one
+(which is ~20x slower on the CPU), and one compilation for all layers of the same shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mxmoe_jax.calib.loss import MLPWeights, capacity_for, combine_groups, pad_groups, swiglu_parts
+from mxmoe_jax.config import ModelConfig
+from mxmoe_jax.models.moe import route
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MoEParams:
+    """One MoE layer's parameters as f32 arrays.
+
+    Invariants: ``router [D, E]``; ``routed`` stacks ``[E, ...]``; ``shared`` is None when the
+    model has no shared expert; ``shared_gate [D, 1]`` only for qwen2_moe's gated shared expert.
+    """
+
+    router: jax.Array  # [D, E]
+    routed: MLPWeights  # gate/up [E, D, I], down [E, I, D]
+    shared: MLPWeights | None  # gate/up [D, Is], down [Is, D]
+    shared_gate: jax.Array | None  # [D, 1]
+
+
+def moe_params(layer) -> MoEParams:
+    """The arrays of a ``DecoderLayer`` whose ``mlp`` is an ``MoEBlock`` (cast to f32)."""
+    mlp = layer.mlp
+
+    def f32(p):
+        return jnp.asarray(p[...], jnp.float32)
+
+    shared = None
+    if hasattr(mlp, "shared"):
+        shared = MLPWeights(gate=f32(mlp.shared.gate_proj.kernel),
+                            up=f32(mlp.shared.up_proj.kernel),
+                            down=f32(mlp.shared.down_proj.kernel))
+    return MoEParams(router=f32(mlp.router.kernel),
+                     routed=MLPWeights(gate=f32(mlp.experts.gate), up=f32(mlp.experts.up),
+                                       down=f32(mlp.experts.down)),
+                     shared=shared,
+                     shared_gate=f32(mlp.shared_gate.kernel) if hasattr(mlp, "shared_gate")
+                     else None)
+
+
+def route_tokens(cfg: ModelConfig, router: jax.Array, x_td: jax.Array
+                 ) -> tuple[jax.Array, jax.Array]:
+    """The model's routing of MoE inputs ``x [T, D]``: ``(topk_idx [T, k], topk_weight [T, k])``
+    (logits in f32 at HIGHEST precision, as ``MoEBlock.router_logits``)."""
+    logits = jnp.dot(x_td.astype(jnp.float32), router.astype(jnp.float32), precision=_HI)
+    return route(logits, cfg)
+
+
+def shared_weight(p: MoEParams, x_td: jax.Array) -> jax.Array:
+    """Per-token weight of the shared expert's output ``[T]``: its sigmoid gate, or 1."""
+    if p.shared_gate is None:
+        return jnp.ones(x_td.shape[:1], jnp.float32)
+    z = jnp.dot(x_td.astype(jnp.float32), p.shared_gate, precision=_HI)[:, 0]
+    return jax.nn.sigmoid(z)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def route_with_max(cfg: ModelConfig, router: jax.Array, x_td: jax.Array):
+    """``(topk_idx, topk_weight, largest group size)`` of a token chunk."""
+    idx, wt = route_tokens(cfg, router, x_td)
+    return idx, wt, jnp.max(jnp.bincount(idx.reshape(-1), length=cfg.num_experts))
+
+
+def chunk_capacity(cfg: ModelConfig, p: MoEParams, x_td: jax.Array) -> int:
+    """The padded group capacity for this chunk (one host sync)."""
+    return capacity_for(int(route_with_max(cfg, p.router, x_td)[2]))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "capacity"))
+def moe_forward(cfg: ModelConfig, p: MoEParams, x_td: jax.Array, *, capacity: int):
+    """The MoE block ``[T, D] -> [T, D]`` f32 (routed + gated shared expert), FP weights."""
+    idx, wt = route_tokens(cfg, p.router, x_td)
+    groups = pad_groups(x_td, idx, wt, cfg.num_experts, capacity)
+    y = swiglu_parts(groups.x, p.routed, _bmm)[3]
+    out = combine_groups(groups, y, x_td.shape[0])
+    if p.shared is not None:
+        ys = swiglu_parts(x_td.astype(jnp.float32), p.shared, _mm)[3]
+        out = out + shared_weight(p, x_td)[:, None] * ys
+    return out
+
+
+def _bmm(x, w):
+    return jnp.einsum("ecd,edi->eci", x, w.astype(jnp.float32), precision=_HI)
+
+
+def _mm(x, w):
+    return jnp.dot(x, w.astype(jnp.float32), precision=_HI)
+
+
+@nnx.jit
+def embed(model, ids: jax.Array) -> jax.Array:
+    """``[B, T]`` ids -> the first layer's input ``[B, T, D]`` (model dtype)."""
+    return model.embed_tokens(ids)
+
+
+@nnx.jit
+def attention_part(layer, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(h, xn)``: the residual stream after attention and the MLP input ``post_attn_norm(h)``."""
+    positions = jnp.arange(x.shape[1], dtype=jnp.int32)
+    h = layer.attention_residual(x, positions)
+    return h, layer.post_attn_norm(h)
+
+
+@nnx.jit
+def _dense_mlp(layer, xn: jax.Array) -> jax.Array:
+    return layer.mlp(xn)
+
+
+@nnx.jit
+def final_hidden(model, x: jax.Array) -> jax.Array:
+    """The final norm of the last layer's output (the original's ``last_hidden_state``)."""
+    return model.final_norm(x)
+
+
+def layer_forward(cfg: ModelConfig, layer, x_btd: jax.Array, p: MoEParams | None = None
+                  ) -> jax.Array:
+    """One decoder layer in FP, ``[B, T, D] -> [B, T, D]``: equals ``layer(x, positions)``.
+
+    ``p``: this layer's `moe_params` (pass it when calling repeatedly, to skip the extraction).
+    """
+    h, xn = attention_part(layer, x_btd)
+    if not layer.is_moe:
+        return h + _dense_mlp(layer, xn)
+    p = moe_params(layer) if p is None else p
+    x_td = xn.reshape(-1, xn.shape[-1])
+    moe = moe_forward(cfg, p, x_td, capacity=chunk_capacity(cfg, p, x_td))
+    return (h + moe.reshape(h.shape).astype(h.dtype)).astype(h.dtype)
+
+
+def iter_batches(n: int, per: int):
+    """``slice`` objects covering ``range(n)`` in steps of ``per``."""
+    for i in range(0, n, per):
+        yield slice(i, min(i + per, n))
+
+
+def windows_per_batch(batch_tokens: int, seqlen: int) -> int:
+    return max(1, batch_tokens // seqlen)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    return np.asarray(jax.device_get(x), np.float32)
