@@ -40,3 +40,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """../shared's tiny trained Qwen2-MoE converted once per test session (fp32 MODEL_DIR)."""
+    require_shared(TINY_MODEL)
+    from mxmoe_jax.convert.hf_to_flax import convert_hf
+
+    out = tmp_path_factory.mktemp("tiny-books") / "model"
+    convert_hf(TINY_MODEL, out, "fp32")
+    return out
+
+
+def torch_available() -> bool:
+    """True where torch + transformers import (the GPU machine; the fixture generator's venv)."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
