@@ -1,7 +1,6 @@
 """Grouped-GEMM benchmark: our Pallas kernels for every scheme beside XLA and torch, vs the floors.
 
-``python -m bench.gmm [--models ...] [--tokens 32 1024 8192] [--schemes ...]
-[--out bench/results]``. For each model shape of ``../shared/BENCHMARKS.md`` (one MoE
+``python -m bench.gmm [--models ...] [--tokens 32 1024 8192] [--schemes ...]``. For each model shape of ``../shared/BENCHMARKS.md`` (one MoE
 layer's fused gate+up GEMM ``[T, K] x [E, K, N]``, ``T = tokens * top_k``) and token count: Zipf-like
 routing with some empty experts, random normal data; per scheme the kernel's device time from
 ``jax.profiler`` (``bench.timing``), a correctness check on fresh data with the output memory
@@ -49,6 +48,10 @@ def zipf_group_sizes(tokens: int, e: int, top_k: int, seed: int = 0, alpha: floa
     return np.bincount(chosen.ravel(), minlength=e).astype(np.int32)
 
 
+def _f(v) -> str:
+    return "n/a" if v is None else f"{v:.1f}"
+
+
 def floor_us(weight_bytes: float, flops: float, int_mma: bool) -> float:
     return 1e6 * max(weight_bytes / HBM, flops / (RATE_INT8 if int_mma else RATE_BF16))
 
@@ -90,7 +93,8 @@ def _torch_grouped_mm(x_np_shape, e, k, n, gs):
         return None, f"{type(err).__name__}: {err}"[:200]
 
 
-def run(models, tokens_list, schemes, *, reps: int = 20, sweep: bool = False, log=print):
+def run(models, tokens_list, schemes, *, reps: int = 20, sweep: bool = False,
+        detail: bool = False, with_peers: bool = True, log=print):
     import jax
     import jax.numpy as jnp
     from jax import lax
@@ -123,17 +127,20 @@ def run(models, tokens_list, schemes, *, reps: int = 20, sweep: bool = False, lo
             key, kx = jax.random.split(key)
             x = jax.random.normal(kx, (t, k), jnp.float32).astype(jnp.bfloat16)
             # peers
-            rd = jax.jit(lambda a, b, g: lax.ragged_dot(a, b, g))
-            t_rd = device_time_us(rd, x, weights["w16a16"] if "w16a16" in weights
-                                  else jnp.zeros((e, k, n), jnp.bfloat16), gs,
-                                  n=max(3, reps // 4) if t > 4096 else reps)
-            t_torch, torch_note = _torch_grouped_mm((t, k), e, k, n, gs_np)
+            t_rd, t_torch, torch_note = None, None, "not run (--no-peers)"
+            if with_peers:
+                rd = jax.jit(lambda a, b, g: lax.ragged_dot(a, b, g))
+                w_bf16 = (weights["w16a16"] if "w16a16" in weights
+                          else jnp.zeros((e, k, n), jnp.bfloat16))
+                t_rd = device_time_us(rd, x, w_bf16, gs,
+                                      n=max(3, reps // 4) if t > 4096 else reps)
+                t_torch, torch_note = _torch_grouped_mm((t, k), e, k, n, gs_np)
             bf16_floor = floor_us(active * k * n * 2, flops, False)
             peers.append(dict(model=model, tokens=tokens, rows=t, active_experts=active,
                               ragged_dot_us=t_rd, torch_grouped_mm_us=t_torch,
                               torch_note=torch_note, floor_bf16_us=bf16_floor))
-            log(f"{model} tokens={tokens} T={t} active={active}/{e}: ragged_dot {t_rd:.1f} us, "
-                f"torch {t_torch if t_torch is None else round(t_torch, 1)} us, "
+            log(f"{model} tokens={tokens} T={t} active={active}/{e}: ragged_dot {_f(t_rd)} us, "
+                f"torch {_f(t_torch)} us, "
                 f"bf16 floor {bf16_floor:.1f} us")
             for s_name in schemes:
                 s = QScheme.parse(s_name)
@@ -151,12 +158,19 @@ def run(models, tokens_list, schemes, *, reps: int = 20, sweep: bool = False, lo
                     except Exception as err:  # noqa: BLE001 - record and continue
                         log(f"  {s_name} {tile}: FAILED {type(err).__name__}: {str(err)[:300]}")
                         continue
+                    if sweep:
+                        log(f"    cand {us:9.1f} us  {tile}")
                     if best is None or us < best[0]:
                         best = (us, tile, fn)
                 if best is None:
                     rows.append(dict(model=model, tokens=tokens, scheme=s_name, error="failed"))
                     continue
                 us, tile, fn = best
+                if detail:
+                    _, by_name = device_time_us(fn, x, w, gs, n=reps, detail=True)
+                    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
+                    log("    detail: " + "; ".join(f"{k_[:40]} {v_:.1f}" for k_, v_ in top)
+                        + f" ({len(by_name)} kernels)")
                 err, finite = _check(fn, w, gs_np, e, k, n, s, key, grouped_matmul_reference)
                 key, _ = jax.random.split(key)
                 ok = finite and err <= _tol(s)
@@ -176,16 +190,19 @@ def _sweep_candidates(scheme, mpe):
     from mxmoe_jax.kernels.pallas import TileConfig
 
     if mpe <= 16:
-        return [TileConfig(bm=16, bn=bn, bk=128, split_k=sk, num_warps=nw, num_stages=st)
-                for bn, sk, nw, st in [(64, 8, 4, 4), (128, 4, 4, 3), (256, 8, 8, 3),
-                                       (128, 16, 4, 4), (64, 4, 2, 4)]]
+        return [TileConfig(bm=16, bn=bn, bk=bk, split_k=sk, num_warps=nw, num_stages=st)
+                for bn, bk, sk, nw, st in [
+                    (64, 128, 4, 4, 4), (128, 128, 4, 4, 3), (128, 128, 8, 4, 3),
+                    (256, 128, 4, 8, 3), (64, 128, 8, 2, 4), (128, 256, 2, 4, 3),
+                    (32, 128, 4, 2, 4), (128, 64, 16, 4, 4)]]
     if mpe <= 64:
         return [TileConfig(bm=bm, bn=bn, bk=bk, split_k=sk, num_warps=nw, num_stages=3)
                 for bm, bn, bk, sk, nw in [(32, 128, 64, 4, 4), (64, 128, 64, 2, 4),
                                            (64, 256, 64, 1, 8), (16, 128, 128, 4, 4)]]
     return [TileConfig(bm=bm, bn=bn, bk=bk, split_k=1, num_warps=nw, num_stages=st)
             for bm, bn, bk, nw, st in [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
-                                       (64, 128, 64, 4, 4), (128, 128, 128, 8, 3)]]
+                                       (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
+                                       (128, 256, 128, 8, 3), (64, 256, 64, 4, 4)]]
 
 
 def _check(fn, w, gs_np, e, k, n, s, key, reference):
@@ -223,9 +240,10 @@ def table(rows, peers) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for p in peers:
         tt = p["torch_grouped_mm_us"]
+        rd = p["ragged_dot_us"]
         lines.append(f"| {p['model']} | {p['tokens']} | XLA ragged_dot bf16 | "
-                     f"{p['ragged_dot_us']:.1f} | {p['floor_bf16_us']:.1f} | "
-                     f"{p['ragged_dot_us'] / p['floor_bf16_us']:.2f} | | | |")
+                     f"{_f(rd)} | {p['floor_bf16_us']:.1f} | "
+                     f"{'' if rd is None else f'{rd / p['floor_bf16_us']:.2f}'} | | | |")
         lines.append(f"| {p['model']} | {p['tokens']} | torch _grouped_mm bf16 | "
                      f"{'n/a' if tt is None else f'{tt:.1f}'} | {p['floor_bf16_us']:.1f} | "
                      f"{'' if tt is None else f'{tt / p['floor_bf16_us']:.2f}'} | | | |")
@@ -251,7 +269,7 @@ def plot(result: dict, path: Path) -> None:
     for ax, model in zip(axes[0], models, strict=False):
         ps = [p for p in result["peers"] if p["model"] == model]
         tok = [p["tokens"] for p in ps]
-        ax.plot(tok, [p["ragged_dot_us"] for p in ps], "k:", label="XLA ragged_dot")
+        ax.plot(tok, [p["ragged_dot_us"] or np.nan for p in ps], "k:", label="XLA ragged_dot")
         if any(p["torch_grouped_mm_us"] for p in ps):
             ax.plot(tok, [p["torch_grouped_mm_us"] or np.nan for p in ps], "k--",
                     label="torch _grouped_mm")
@@ -281,6 +299,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--schemes", nargs="+", default=list(SCHEMES))
     p.add_argument("--reps", type=int, default=20, help="traced calls per timing")
     p.add_argument("--sweep", action="store_true", help="also try a few tile configs per row")
+    p.add_argument("--detail", action="store_true", help="print per-kernel device time")
+    p.add_argument("--no-peers", action="store_true", help="skip XLA and torch")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--tag", default="", help="suffix of the result file names")
     return p
@@ -294,6 +314,7 @@ def main(args) -> int:
         raise ValueError("bench gmm: needs an NVIDIA GPU (the kernels compile with Triton)")
     t0 = time.time()
     rows, peers = run(args.models, args.tokens, args.schemes, reps=args.reps, sweep=args.sweep,
+                      detail=args.detail, with_peers=not args.no_peers,
                       log=lambda s: print(s, flush=True))
     date = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H%MZ")
     result = dict(date=date, device=dev.device_kind, jax=jax.__version__,

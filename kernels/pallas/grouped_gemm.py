@@ -77,7 +77,10 @@ def num_tiles_bound(m: int, e: int, bm: int) -> int:
 def make_tiles(group_sizes: jax.Array, m: int, bm: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Tile table (expert, first row, end row), each int32 ``[num_tiles_bound]``, heaviest first.
 
-    Expert ``E`` (one past the last) marks tiles of rows past ``sum(group_sizes)`` (zeros out).
+    Order: all full tiles (expert order), then the partial last tiles, then padding (``first ==
+    end``). Expert ``E`` (one past the last) marks tiles of rows past ``sum(group_sizes)``, which
+    store zeros. Built from cumulative sums and one ``[tiles, E]`` comparison (no sort, no
+    search loop), so XLA fuses it into a few small kernels.
     """
     e = group_sizes.shape[0]
     gs = group_sizes.astype(jnp.int32)
@@ -85,21 +88,23 @@ def make_tiles(group_sizes: jax.Array, m: int, bm: int) -> tuple[jax.Array, jax.
     gs = jnp.concatenate([gs, rest[None]])  # [E + 1]
     ends = jnp.cumsum(gs)
     starts = ends - gs
-    counts = (gs + bm - 1) // bm  # tiles per expert
-    tile_ends = jnp.cumsum(counts)
-    bound = num_tiles_bound(m, e, bm)
-    j = jnp.arange(bound, dtype=jnp.int32)
-    expert = jnp.searchsorted(tile_ends, j, side="right").astype(jnp.int32)  # E+1 for padding
-    valid = expert <= e
+    full = gs // bm
+    part = (gs % bm > 0).astype(jnp.int32)
+    cf = jnp.cumsum(full)  # inclusive
+    cp = jnp.cumsum(part)
+    n_full = cf[-1]
+    n_part = cp[-1]
+    j = jnp.arange(num_tiles_bound(m, e, bm), dtype=jnp.int32)
+    is_full = j < n_full
+    jj = jnp.where(is_full, j, j - n_full)
+    cum = jnp.where(is_full[:, None], cf[None, :], cp[None, :])  # [T, E + 1]
+    expert = jnp.sum((cum <= jj[:, None]).astype(jnp.int32), axis=1)
+    valid = j < n_full + n_part
     ex = jnp.minimum(expert, e)
-    local = j - (tile_ends[ex] - counts[ex])
-    row0 = starts[ex] + local * bm
-    row1 = jnp.minimum(row0 + bm, ends[ex])
-    row0 = jnp.where(valid, row0, 0)
-    row1 = jnp.where(valid, row1, 0)
-    # heaviest first (full tiles, then partial, then padding), stable so experts stay together
-    order = jnp.argsort(-(row1 - row0), stable=True)
-    return ex[order], row0[order], row1[order]
+    local = jj - (cf[ex] - full[ex])
+    row0 = jnp.where(is_full, starts[ex] + local * bm, starts[ex] + full[ex] * bm)
+    row1 = jnp.where(is_full, row0 + bm, ends[ex])
+    return ex, jnp.where(valid, row0, 0), jnp.where(valid, row1, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +254,10 @@ def _gmm_wa_kernel(
                 ks = k0 + jj * sub + jnp.arange(sub)
                 xa = plgpu.load(xq_ref.at[pl.ds(r0, bm), pl.ds(k0 + jj * sub, sub)],
                                 mask=rows_ok[:, None] & (ks < k)[None, :], other=0)
-                if v == 1:
+                if scheme.fp8:
+                    xa = lax.bitcast_convert_type(xa, jnp.float8_e4m3fn)
+                    wq = lax.bitcast_convert_type(p, jnp.float8_e4m3fn)
+                elif v == 1:
                     wq = p
                 elif jj == 0:
                     wq = (p << 4) >> 4  # sign-extend the low nibble
@@ -417,7 +425,11 @@ def gmm(x: jax.Array, w: PackedWeight | jax.Array, group_sizes: jax.Array, *,
         return _gmm_wonly(x, w, None, None, group_sizes, scheme=scheme, cfg=tile,
                           interpret=interpret)
     xq, xs = act_quant.quantize_activations(x, scheme, interpret=interpret)
-    return _gmm_wa(xq, xs, w.qweight, w.scale, group_sizes, scheme=scheme, cfg=tile,
+    wq = w.qweight
+    if scheme.fp8:  # the kernel loads fp8 as int8 bits (see _gmm_wa_kernel)
+        xq = lax.bitcast_convert_type(xq, jnp.int8)
+        wq = lax.bitcast_convert_type(wq, jnp.int8)
+    return _gmm_wa(xq, xs, wq, w.scale, group_sizes, scheme=scheme, cfg=tile,
                    interpret=interpret, out_dtype=x.dtype)
 
 

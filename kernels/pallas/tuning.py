@@ -81,12 +81,12 @@ def choose_tile(scheme: QScheme, *, m: int, e: int, n: int, k: int,
             break
     if tile is None:
         tile = _heuristic(kind, mpe)
-    # keep >= 2 K steps per split, and no more programs than ~4 per SM need
+    # keep >= 2 K steps per split; for few rows per expert, split until ~16 programs per SM
     steps = _steps(scheme, tile, k)
     split = max(1, min(tile.split_k, steps // 2))
     sms = _SMS.get(device, 132)
     active = min(e, max(m, 1))
-    programs = active * max(1, round(mpe / tile.bm)) * -(-n // tile.bn)
-    while split > 1 and programs * (split // 2) >= 4 * sms:
+    programs = active * max(1, -(-int(mpe) // tile.bm)) * -(-n // tile.bn)
+    while split > 1 and programs * (split // 2) >= 16 * sms:
         split //= 2
     return dataclasses.replace(tile, split_k=split)
