@@ -16,7 +16,9 @@ and an activation fake-quant):
   (block "gate_up" or "down") is applied to the rows entering each grouped matmul.
 * ``combine(y_sorted, dispatch, topk_weight) -> [T, D]``: unsort, weight, sum over the k slots.
 
-Dtypes: router logits and routing weights are f32; grouped matmuls accumulate in f32; the
+Dtypes: router logits are computed in f32 from f32-cast inputs and weights (as DeepSeek-V2 does;
+transformers' Qwen/Mixtral/OLMoE routers use the model dtype, so bf16 routing can differ from theirs
+at near ties, never in fp32); routing weights are f32; grouped matmuls accumulate in f32; the
 weighted sum is f32, cast once to the block's dtype.
 """
 
@@ -74,8 +76,9 @@ def route(logits: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
     k = cfg.num_experts_per_tok
     if cfg.router == "softmax":
         idx, weight = softmax_topk(logits, k, normalize=cfg.norm_topk_prob)
-        return idx, weight * cfg.routed_scaling_factor if cfg.routed_scaling_factor != 1.0 \
-            else weight
+        if cfg.routed_scaling_factor != 1.0:
+            weight = weight * cfg.routed_scaling_factor
+        return idx, weight
     if cfg.router == "ds_greedy":
         return ds_greedy(logits, k, scaling=cfg.routed_scaling_factor)
     if cfg.router == "ds_group_limited":
