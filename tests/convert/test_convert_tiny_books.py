@@ -59,3 +59,21 @@ def test_logits_match_live_transformers(tiny_dir, tmp_path):
     ours = np.asarray(forward(model, jnp.asarray(ids)))
     (live,) = hf_live_logits([TINY_MODEL], ids, tmp_path)
     assert_logits_close(ours, live, "qwen2moe-tiny-books (live)")
+
+
+def test_bf16_round_trip_reproduces_the_checkpoint(tmp_path):
+    """Stored in bf16: convert --dtype bf16 then export-hf gives back every tensor bit for bit."""
+    from mxmoe_jax.convert.export import export_hf
+    from safetensors.numpy import load_file
+
+    require_shared(TINY_MODEL)
+    model_dir = convert_hf(TINY_MODEL, tmp_path / "model", "bf16").out
+    hf = export_hf(model_dir, tmp_path / "hf", max_shard_bytes=16 * 2**20)
+    got, want = {}, {}
+    for f in hf.glob("*.safetensors"):
+        got.update(load_file(str(f)))
+    for f in TINY_MODEL.glob("*.safetensors"):
+        want.update(load_file(str(f)))
+    assert sorted(got) == sorted(want)
+    assert all(got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]) for k in want)
+    assert (hf / "model.safetensors.index.json").is_file() and (hf / "tokenizer.json").is_file()
