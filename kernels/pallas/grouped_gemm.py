@@ -8,8 +8,8 @@ Glossary. *tile*: ``bm`` consecutive rows of one expert (the last tile of an exp
 rows of K packed together (sub-byte codes); *split*: one of ``split_k`` K ranges computed by
 separate programs (small token counts need them to fill the GPU).
 
-Tile table. The Triton backend has no scalar prefetch and no dynamic grid, so ``make_tiles``
-computes, with ordinary jnp ops under ``jit``, three int32 arrays (tile -> expert, first row, end
+Tile table. The Triton backend has no scalar prefetch and no dynamic grid, so ``tile_table`` (one
+small Pallas launch; ``make_tiles`` is its pure-jnp twin) computes three int32 arrays (tile -> expert, first row, end
 row) padded to a static bound ``M // bm + E + 1``; padding tiles have ``first == end`` and exit at
 once. Tiles are ordered heaviest first (full tiles before partial ones: the MxMoE paper's greedy
 order), and rows past ``sum(group_sizes)`` get tiles of the pseudo-expert ``E`` that store zeros,
@@ -33,9 +33,12 @@ Weight layouts (built by ``mxmoe_jax.quant.packing.pack``; its docstring is the 
   after the dot, per K-group: ``x @ (u * s + z) = (x @ u) * s + rowsum(x) * z`` with
   ``z = offset - bias * s``. So no weight element is multiplied by a scale in registers: the only
   per-element work is unpack + convert (BENCHMARKS.md measured that per-element work is what costs).
+  Sub-byte codes skip the int->float convert too: inline PTX ORs each code into the mantissa of
+  bf16 128.0 (exactly ``128 + u``), and the 128 joins the bias.
   w3 codes are stored in nibbles (same speed as w4; the 3-bit storage saving is not realised).
-* w8a8 / w4a8 / w4a4 int: signed codes K-major ``[E, N, Kp/v]`` (int8 MMA wants both operands
-  K-major); nibbles are two's complement, sign-extended with ``(p << 4) >> 4`` and ``p >> 4``.
+* w8a8 / w4a8 / w4a4 int: codes K-major ``[E, N, Kp/v]`` (int8 MMA wants both operands
+  K-major); nibbles are offset-binary ``u = code + 8``, unpacked by one AND (and a shift) per 4
+  bytes in inline PTX, and the int32 partial is corrected by ``- 8 * rowsum(x_codes)``.
   Activations are quantized per token (and per K-group for g128) by ``act_quant``; the int32
   partial is scaled by ``x_scale[m] * w_scale[n]`` per K-group (once at the end for g-1).
 * fp8 e4m3: ``[E, N, K]`` float8 codes, per-channel weight and per-token activation scales.
@@ -107,6 +110,65 @@ def make_tiles(group_sizes: jax.Array, m: int, bm: int) -> tuple[jax.Array, jax.
     return ex, jnp.where(valid, row0, 0), jnp.where(valid, row1, 0)
 
 
+def _tile_table_kernel(
+    # inputs
+    gs_ref,
+    # outputs
+    ex_ref, r0_ref, r1_ref,
+    *, m: int, e: int, bm: int, ep: int, bt: int, n_tiles: int,
+):
+    """``make_tiles`` as one small launch: ``bt`` tile slots per program, experts on ``ep`` lanes."""
+    lanes = jnp.arange(ep)
+    zero = pl.program_id(0) * 0  # a traced start: the masked block reads past E statically
+    gs = plgpu.load(gs_ref.at[pl.ds(zero, ep)], mask=lanes < e, other=0)
+    rest = jnp.maximum(m - jnp.sum(gs), 0)
+    gs = jnp.where(lanes == e, rest, gs)  # the pseudo-expert E holds rows past the sum
+    ends = jnp.cumsum(gs, axis=0)
+    starts = ends - gs
+    full = gs // bm
+    part = (gs % bm > 0).astype(jnp.int32)
+    cf = jnp.cumsum(full, axis=0)
+    cp = jnp.cumsum(part, axis=0)
+    n_full = jnp.sum(full)
+    n_part = jnp.sum(part)
+    j = pl.program_id(0) * bt + jnp.arange(bt)
+    is_full = j < n_full
+    jj = jnp.where(is_full, j, j - n_full)
+    cum = jnp.where(is_full[:, None], cf[None, :], cp[None, :])  # [bt, ep]
+    ex = jnp.sum((cum <= jj[:, None]).astype(jnp.int32), axis=1)
+    ex = jnp.minimum(ex, e)
+    onehot = lanes[None, :] == ex[:, None]  # [bt, ep]
+
+    def pick(vec):
+        return jnp.sum(jnp.where(onehot, vec[None, :], 0), axis=1)
+
+    start_e, full_e = pick(starts), pick(full)
+    local = jj - (pick(cf) - full_e)
+    row0 = jnp.where(is_full, start_e + local * bm, start_e + full_e * bm)
+    row1 = jnp.where(is_full, row0 + bm, pick(ends))
+    valid = j < n_full + n_part
+    ok = j < n_tiles
+    plgpu.store(ex_ref.at[pl.ds(pl.program_id(0) * bt, bt)], ex, mask=ok)
+    plgpu.store(r0_ref.at[pl.ds(pl.program_id(0) * bt, bt)], jnp.where(valid, row0, 0), mask=ok)
+    plgpu.store(r1_ref.at[pl.ds(pl.program_id(0) * bt, bt)], jnp.where(valid, row1, 0), mask=ok)
+
+
+def tile_table(group_sizes: jax.Array, m: int, bm: int, *, interpret: bool = False):
+    """The tile table of ``make_tiles`` computed by one small Pallas launch (used by ``gmm``)."""
+    e = group_sizes.shape[0]
+    n_tiles = num_tiles_bound(m, e, bm)
+    ep = max(16, 1 << e.bit_length())  # lanes >= E + 1, a power of two
+    bt = 32
+    kernel = functools.partial(_tile_table_kernel, m=m, e=e, bm=bm, ep=ep, bt=bt,
+                               n_tiles=n_tiles)
+    out = jax.ShapeDtypeStruct((n_tiles,), jnp.int32)
+    return pl.pallas_call(
+        kernel, out_shape=(out, out, out), grid=(-(-n_tiles // bt),),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret, name="gmm_tile_table",
+    )(group_sizes.astype(jnp.int32))
+
+
 # ---------------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------------
@@ -115,6 +177,44 @@ def _dot(a, b, *, trans_b: bool = False):
     out = jnp.int32 if jnp.issubdtype(a.dtype, jnp.integer) else jnp.float32
     dims = (((1,), (1,)), ((), ())) if trans_b else (((1,), (0,)), ((), ()))
     return lax.dot_general(a, b, dims, preferred_element_type=out)
+
+
+# bf16 0x4300 is 128.0 with a zero 7-bit mantissa: OR-ing a code u < 128 into the mantissa gives
+# exactly 128 + u, with no int->float convert (converts are what limits weight-only kernels).
+_BF16_128 = 128
+
+
+def _unpack_bf16(p, j: int, bits: int, interpret: bool):
+    """bf16 ``128 + u`` for the ``bits``-wide slice ``j`` of each byte of uint8 ``p``.
+
+    Compiled: PTX per 4 bytes (2 prmt, 2 shifts, 2 lop3) through ``elementwise_inline_asm``;
+    interpret mode (no inline asm there) computes the same values with jnp.
+    """
+    mask = (1 << bits) - 1
+    shift = j * bits
+    if interpret:
+        u = (p >> shift) & mask
+        return (u.astype(jnp.float32) + _BF16_128).astype(jnp.bfloat16)
+    m = f"0x{mask:04x}{mask:04x}"
+    shr = f"shr.b32 t0, t0, {shift};\nshr.b32 t1, t1, {shift};\n" if shift else ""
+    asm = ("{\n.reg .b32 t0, t1;\n"
+           "prmt.b32 t0, $2, 0, 0x0504;\nprmt.b32 t1, $2, 0, 0x0706;\n" + shr +
+           f"lop3.b32 $0, t0, {m}, 0x43004300, 0xea;\n"
+           f"lop3.b32 $1, t1, {m}, 0x43004300, 0xea;\n}}")
+    return plgpu.elementwise_inline_asm(
+        asm, args=[p], constraints="=r,=r,r", pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(p.shape, jnp.bfloat16)])[0]
+
+
+def _unpack_nibble_i8(p, j: int, interpret: bool):
+    """int8 nibble ``j`` (0..15, offset-binary code) of each byte of int8 ``p``."""
+    if interpret:
+        return ((p.astype(jnp.int32) >> (4 * j)) & 0xF).astype(jnp.int8)
+    body = "and.b32 $0, $1, 0x0f0f0f0f;" if j == 0 else \
+        "{\n.reg .b32 t;\nshr.b32 t, $1, 4;\nand.b32 $0, t, 0x0f0f0f0f;\n}"
+    return plgpu.elementwise_inline_asm(
+        body, args=[p], constraints="=r,r", pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(p.shape, jnp.int8)])[0]
 
 
 def _decode_pid(n_blocks: int, splits: int):
@@ -140,7 +240,7 @@ def _gmm_wonly_kernel(
     # outputs
     o_ref,
     *, scheme: QScheme, cfg: TileConfig, k: int, n: int, e: int, n_blocks: int, steps: int,
-    step_k: int,
+    step_k: int, interpret: bool,
 ):
     """bf16/f16 and weight-only (w8/w4/w3/w2 a16) body; see the module docstring."""
     t, j, s = _decode_pid(n_blocks, cfg.split_k)
@@ -161,6 +261,9 @@ def _gmm_wonly_kernel(
         v = 8 // bits if quant else 1
         grouped = quant and scheme.group_size != -1
         sub = step_k // v  # K rows of one slice
+        # sub-byte codes with bf16 activations unpack as 128 + u (see _unpack_bf16)
+        magic = quant and bits < 8 and x_ref.dtype == jnp.bfloat16
+        ubias = packing.code_bias(scheme) + (_BF16_128 if magic else 0)
 
         def load_x(k0):
             ks = k0 + jnp.arange(sub)
@@ -189,14 +292,17 @@ def _gmm_wonly_kernel(
             xsum = jnp.zeros((bm,), jnp.float32)
             for jj in range(v):
                 xa = load_x(k0 + jj * sub)
-                u = p if v == 1 else (p >> (jj * bits)) & ((1 << bits) - 1)
-                part = part + _dot(xa, u.astype(xa.dtype))
+                if magic:
+                    u = _unpack_bf16(p, jj, bits, interpret)
+                else:
+                    u = (p if v == 1 else (p >> (jj * bits)) & ((1 << bits) - 1)).astype(xa.dtype)
+                part = part + _dot(xa, u)
                 xsum = xsum + jnp.sum(xa.astype(jnp.float32), axis=1)
             if grouped:
                 # clamp: a split's steps past K (x and codes masked to 0) read the last group
                 g = jnp.minimum(k0 // scheme.group_size, scale_ref.shape[1] - 1)
                 sc = load_vec(scale_ref, g)
-                z = -packing.code_bias(scheme) * sc
+                z = -ubias * sc
                 if offset_ref is not None:
                     z = z + load_vec(offset_ref, g)
                 return acc + part * sc[None, :] + xsum[:, None] * z[None, :], rs
@@ -206,7 +312,7 @@ def _gmm_wonly_kernel(
         acc, rs = lax.fori_loop(0, steps, body, init)
         if quant and not grouped:
             sc = load_vec(scale_ref, 0)
-            z = -packing.code_bias(scheme) * sc
+            z = -ubias * sc
             if offset_ref is not None:
                 z = z + load_vec(offset_ref, 0)
             acc = acc * sc[None, :] + rs[:, None] * z[None, :]
@@ -220,7 +326,7 @@ def _gmm_wa_kernel(
     # outputs
     o_ref,
     *, scheme: QScheme, cfg: TileConfig, k: int, n: int, e: int, n_blocks: int, steps: int,
-    step_k: int,
+    step_k: int, interpret: bool,
 ):
     """Weight-activation body (int8 MMA for w8a8/w4a8/w4a4, fp8 MMA for e4m3)."""
     t, j, s = _decode_pid(n_blocks, cfg.split_k)
@@ -243,27 +349,33 @@ def _gmm_wa_kernel(
         part_dtype = jnp.float32 if scheme.fp8 else jnp.int32
         kw = w_ref.shape[2]  # packed K columns
 
+        fp8_direct = xq_ref.dtype == jnp.float8_e4m3fn  # else fp8 arrives as int8 bits
+        other = None if fp8_direct else 0  # masked lanes only reach masked rows/cols
+
         def body(i, acc):
             step = s * steps + i
             k0 = step * step_k
             cols_p = step * sub + jnp.arange(sub)
             p = plgpu.load(w_ref.at[el, pl.ds(n0, bn), pl.ds(step * sub, sub)],
-                           mask=cols_ok[:, None] & (cols_p < kw)[None, :], other=0)
+                           mask=cols_ok[:, None] & (cols_p < kw)[None, :], other=other)
             part = jnp.zeros((bm, bn), part_dtype)
+            xsum = jnp.zeros((bm,), jnp.int32)
             for jj in range(v):
                 ks = k0 + jj * sub + jnp.arange(sub)
                 xa = plgpu.load(xq_ref.at[pl.ds(r0, bm), pl.ds(k0 + jj * sub, sub)],
-                                mask=rows_ok[:, None] & (ks < k)[None, :], other=0)
+                                mask=rows_ok[:, None] & (ks < k)[None, :], other=other)
                 if scheme.fp8:
-                    xa = lax.bitcast_convert_type(xa, jnp.float8_e4m3fn)
-                    wq = lax.bitcast_convert_type(p, jnp.float8_e4m3fn)
+                    if not fp8_direct:
+                        xa = lax.bitcast_convert_type(xa, jnp.float8_e4m3fn)
+                    wq = p if fp8_direct else lax.bitcast_convert_type(p, jnp.float8_e4m3fn)
                 elif v == 1:
                     wq = p
-                elif jj == 0:
-                    wq = (p << 4) >> 4  # sign-extend the low nibble
                 else:
-                    wq = p >> 4  # arithmetic shift keeps the sign of the high nibble
+                    wq = _unpack_nibble_i8(p, jj, interpret)  # u = code + 8
+                    xsum = xsum + jnp.sum(xa.astype(jnp.int32), axis=1)
                 part = part + _dot(xa, wq, trans_b=True)
+            if v == 2:
+                part = part - 8 * xsum[:, None]  # x @ (u - 8) = x @ u - 8 rowsum(x)
             if grouped:
                 g = jnp.minimum(k0 // scheme.group_size, ws_ref.shape[1] - 1)
                 xsc = plgpu.load(xs_ref.at[pl.ds(r0, bm), g], mask=rows_ok, other=0.0)
@@ -327,10 +439,10 @@ def _gmm_wonly(x, w, scale, offset, group_sizes, *, scheme, cfg, interpret):
     total_steps = -(-kp // step_k)
     steps = -(-total_steps // cfg.split_k)
     n_blocks = -(-n // cfg.bn)
-    tiles = make_tiles(group_sizes, m, cfg.bm)
+    tiles = tile_table(group_sizes, m, cfg.bm, interpret=interpret)
     kernel = functools.partial(
         _gmm_wonly_kernel, scheme=scheme, cfg=cfg, k=k, n=n, e=e, n_blocks=n_blocks,
-        steps=steps, step_k=step_k)
+        steps=steps, step_k=step_k, interpret=interpret)
     if offset is None:
         kernel = _drop_arg(kernel, 6)
         args = (*tiles, x, w, scale)
@@ -354,10 +466,10 @@ def _gmm_wa(xq, xs, w, ws, group_sizes, *, scheme, cfg, interpret, out_dtype):
     total_steps = -(-kp // step_k)
     steps = -(-total_steps // cfg.split_k)
     n_blocks = -(-n // cfg.bn)
-    tiles = make_tiles(group_sizes, m, cfg.bm)
+    tiles = tile_table(group_sizes, m, cfg.bm, interpret=interpret)
     kernel = functools.partial(
         _gmm_wa_kernel, scheme=scheme, cfg=cfg, k=k, n=n, e=e, n_blocks=n_blocks,
-        steps=steps, step_k=step_k)
+        steps=steps, step_k=step_k, interpret=interpret)
     return _launch(kernel, (*tiles, xq, xs, w, ws), out_m=m, n=n, cfg=cfg,
                    n_tiles=tiles[0].shape[0], n_blocks=n_blocks, out_dtype=out_dtype,
                    interpret=interpret, name=f"gmm_{scheme.name}")
@@ -426,7 +538,9 @@ def gmm(x: jax.Array, w: PackedWeight | jax.Array, group_sizes: jax.Array, *,
                           interpret=interpret)
     xq, xs = act_quant.quantize_activations(x, scheme, interpret=interpret)
     wq = w.qweight
-    if scheme.fp8:  # the kernel loads fp8 as int8 bits (see _gmm_wa_kernel)
+    if scheme.fp8 and k % _step_k(scheme, tile):
+        # a K tail needs masked loads with a zero fill, which Triton cannot splat in fp8: load
+        # the codes as int8 bits and bitcast in the kernel (slower: not a direct fp8 operand)
         xq = lax.bitcast_convert_type(xq, jnp.int8)
         wq = lax.bitcast_convert_type(wq, jnp.int8)
     return _gmm_wa(xq, xs, wq, w.scale, group_sizes, scheme=scheme, cfg=tile,

@@ -12,8 +12,8 @@ module's docstring documents them once, with the reasons); this file is their pu
   contiguous K slices that the kernel multiplies with ``v`` separately loaded slices of x (no
   interleaving and no slicing of loaded values). K is padded with zero codes to a multiple of 128.
 * Weight-activation integer schemes (w8a8, w4a8, w4a4): K-major ``[..., N, K]`` (Triton's int8 dot
-  wants both operands K-major), signed codes; 4-bit codes are two's-complement nibbles in the same
-  128-row chunks (``v = 2``). FP8 (``w8a8_g-1_fp8``): ``float8_e4m3fn`` codes ``[..., N, K]``.
+  wants both operands K-major), int8 codes; 4-bit codes are offset-binary nibbles ``u = code + 8``
+  in the same 128-row chunks (``v = 2``; zero padding is ``u = 0``). FP8 (``w8a8_g-1_fp8``): ``float8_e4m3fn`` codes ``[..., N, K]``.
 * Scales and offsets keep the shape ``[..., K // group_size or 1, N]`` of ``QuantizedWeight`` and
   are stored as float16 (they are float16-representable by the interface contract, so this is
   exact and halves their bytes).
@@ -153,8 +153,9 @@ def pack(qw) -> PackedWeight:
         if bits == 8:
             qweight = c.astype(jnp.int8)
         else:
-            # two's-complement nibbles: the kernel sign-extends with shifts
-            qweight = _pack_chunks(_pad_k(c & 0xF, kp, -1), bits, axis=-1).view(jnp.int8)
+            # offset-binary nibbles u = code + 8: unpacking is one AND (and a shift) per 4 bytes;
+            # the kernel subtracts 8 * rowsum(x) from the int32 partial
+            qweight = _pack_chunks(_pad_k(c + 8, kp, -1), bits, axis=-1).view(jnp.int8)
     return PackedWeight(qweight=qweight, scale=scale, offset=offset, scheme=scheme, k=k, n=n)
 
 
@@ -173,7 +174,7 @@ def unpack_codes(packed: PackedWeight) -> jax.Array:
         c = q.astype(jnp.int32)
     else:
         u = _unpack_chunks(q.view(jnp.uint8), bits, axis=-1)[..., : packed.k].astype(jnp.int32)
-        c = jnp.where(u >= 8, u - 16, u)  # sign-extend the nibble
+        c = u - 8
     return jnp.swapaxes(c, -1, -2).astype(jnp.int8)
 
 

@@ -156,3 +156,16 @@ def test_rows_past_the_sum_are_zero(interpret):
     x, w, gs = _data("mixed", 64, 32)
     out = gmm(x, w.astype(jnp.bfloat16), gs, tile=SMALL, interpret=interpret)
     assert np.all(np.asarray(out[43:], np.float32) == 0)
+
+
+@pytest.mark.parametrize("groups", list(GROUPS))
+def test_tile_table_kernel_matches_make_tiles(groups, interpret):
+    from mxmoe_jax.kernels.pallas.grouped_gemm import tile_table
+
+    gs, m = GROUPS[groups]
+    gs = jnp.asarray(gs, jnp.int32)
+    for bm in (16, 64):
+        got = tile_table(gs, m + 3, bm, interpret=interpret)
+        want = make_tiles(gs, m + 3, bm)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

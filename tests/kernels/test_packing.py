@@ -76,12 +76,14 @@ def test_layout_w2a16_bit_positions():
     np.testing.assert_array_equal(q[0], expect)
 
 
-def test_layout_w4a4_k_major_twos_complement():
+def test_layout_w4a4_k_major_offset_binary():
     p = packing.pack(_one_hot("w4a4_g-1_sym", 128, 4, 64 + 2, 3, -3))
-    q = np.asarray(p.qweight)
-    assert q.shape == (1, 4, 64) and q.dtype == np.int8  # [E, N, K/2]
-    assert q.view(np.uint8)[0, 3, 2] == (0xD << 4)  # -3 = 0b1101 in the high nibble
-    assert np.count_nonzero(q) == 1
+    q = np.asarray(p.qweight).view(np.uint8)
+    assert q.shape == (1, 4, 64) and p.qweight.dtype == np.int8  # [E, N, K/2]
+    # every code is stored as u = code + 8: zeros -> 0x88; -3 -> 5 in the high nibble
+    expect = np.full((4, 64), 0x88, np.uint8)
+    expect[3, 2] = 0x58
+    np.testing.assert_array_equal(q[0], expect)
 
 
 def test_pack_rejects_w16():
