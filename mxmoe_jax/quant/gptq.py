@@ -132,16 +132,32 @@ def hessian_finalize(state: HessianState) -> jax.Array:
 # -- the solve -----------------------------------------------------------------------------------
 
 
-def _block_and_group(k: int, scheme: QScheme, cfg: GPTQConfig) -> tuple[int, int]:
+def _block_and_group(k: int, group_size: int, cfg: GPTQConfig) -> tuple[int, int]:
     """(block size, rows per parameter group inside a block) for a K-row weight."""
-    if scheme.group_size == -1:
+    if group_size == -1:
         return cfg.block_size, cfg.block_size
-    gs = scheme.group_size
-    return gs * max(1, cfg.block_size // gs), gs
+    return group_size * max(1, cfg.block_size // group_size), group_size
 
 
-def _gptq_one(w: jax.Array, h: jax.Array, *, scheme: QScheme, cfg: GPTQConfig):
-    """One expert: w [K, N], h [K, K] -> (codes [K, N], scale [G, N], offset [G, N] | None)."""
+@dataclasses.dataclass(frozen=True)
+class _Grid:
+    """QScheme stand-in inside the jitted solve, with the grid bounds as traced values: every bit
+    width with the same (sym, fp8, group_size) shares one compilation."""
+
+    qmin: jax.Array  # f32 scalar
+    qmax: jax.Array  # f32 scalar
+    sym: bool
+    fp8: bool
+    group_size: int
+    w_bits: int = 0  # not 16 (qtensor.codes_dtype reads it)
+
+
+def _gptq_one(w: jax.Array, h: jax.Array, bounds: jax.Array, *, layout: tuple[bool, bool, int],
+              cfg: GPTQConfig):
+    """One expert: w [K, N], h [K, K], bounds [qmin, qmax] ->
+    (codes [K, N] f32, scale [G, N], offset [G, N])."""
+    sym, fp8, group_size = layout
+    scheme = _Grid(qmin=bounds[0], qmax=bounds[1], sym=sym, fp8=fp8, group_size=group_size)
     k, n = w.shape
     w = w.astype(jnp.float32)
     h = h.astype(jnp.float32)
@@ -149,7 +165,7 @@ def _gptq_one(w: jax.Array, h: jax.Array, *, scheme: QScheme, cfg: GPTQConfig):
     on_the_fly = grouped and not cfg.static_groups
     gs = scheme.group_size if grouped else k
     n_groups = k // gs
-    block, rows_per_group = _block_and_group(k, scheme, cfg)
+    block, rows_per_group = _block_and_group(k, group_size, cfg)
     kp = -(-k // block) * block
 
     # Parameters fixed up front (per channel, or static groups) come from the original weights.
@@ -234,19 +250,16 @@ def _gptq_one(w: jax.Array, h: jax.Array, *, scheme: QScheme, cfg: GPTQConfig):
     if cfg.act_order:
         codes = jnp.zeros_like(codes).at[perm].set(codes)
     if on_the_fly:
-        scale, offset = s_all[:n_groups], o_all[:n_groups]
-    else:
-        scale, offset = s_fixed, o_fixed
-    return codes.astype(codes_dtype(scheme)), scale, (None if scheme.sym else offset)
+        return codes, s_all[:n_groups], o_all[:n_groups]
+    return codes, s_fixed, o_fixed
 
 
-@functools.partial(jax.jit, static_argnames=("scheme", "cfg"))
-def _gptq(w, h, scheme, cfg):
-    fn = functools.partial(_gptq_one, scheme=scheme, cfg=cfg)
+@functools.partial(jax.jit, static_argnames=("layout", "cfg"))
+def _gptq(w, h, bounds, layout, cfg):
+    fn = functools.partial(_gptq_one, layout=layout, cfg=cfg)
     for _ in range(w.ndim - 2):
-        fn = jax.vmap(fn)
-    codes, scale, offset = fn(w, h)
-    return QuantizedWeight(codes=codes, scale=scale, offset=offset, scheme=scheme)
+        fn = jax.vmap(fn, in_axes=(0, 0, None))
+    return fn(w, h, bounds)
 
 
 def gptq_quantize(
@@ -268,4 +281,8 @@ def gptq_quantize(
     if cfg.act_order and scheme.group_size != -1 and not cfg.static_groups:
         raise ValueError("static_groups: act_order with K-groups needs static_groups=True "
                          "(scales stay per contiguous K-group)")
-    return _gptq(jnp.asarray(w), jnp.asarray(h), scheme, cfg)
+    bounds = jnp.asarray([0.0, 0.0] if scheme.fp8 else [scheme.qmin, scheme.qmax], jnp.float32)
+    codes, scale, offset = _gptq(jnp.asarray(w), jnp.asarray(h), bounds,
+                                 (scheme.sym, scheme.fp8, scheme.group_size), cfg)
+    return QuantizedWeight(codes=codes.astype(codes_dtype(scheme)), scale=scale,
+                           offset=None if scheme.sym else offset, scheme=scheme)

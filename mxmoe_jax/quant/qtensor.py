@@ -81,7 +81,7 @@ def _round_f16_down(x: jax.Array) -> jax.Array:
     return h.astype(jnp.float32)
 
 
-def _covering_scale(span: jax.Array, qmax: float) -> jax.Array:
+def _covering_scale(span: jax.Array, qmax) -> jax.Array:
     """The smallest float16 ``s`` with ``s * qmax >= span`` (as f32), or 1 where ``span == 0``.
 
     Stated as a product, not as ``span / qmax``: XLA may turn a division by a constant into a
@@ -109,10 +109,10 @@ def grid_params(
     lo = lo.astype(jnp.float32)
     hi = hi.astype(jnp.float32)
     if scheme.fp8 or scheme.sym:
-        qmax = FP8_MAX if scheme.fp8 else float(scheme.qmax)
+        qmax = FP8_MAX if scheme.fp8 else jnp.asarray(scheme.qmax, jnp.float32)
         return _covering_scale(jnp.maximum(jnp.abs(lo), jnp.abs(hi)), qmax), None
     offset = _round_f16_down(lo)
-    return _covering_scale(hi - offset, float(scheme.qmax)), offset
+    return _covering_scale(hi - offset, jnp.asarray(scheme.qmax, jnp.float32)), offset
 
 
 def encode(x: jax.Array, scale: jax.Array, offset: jax.Array | None, scheme: QScheme) -> jax.Array:
