@@ -131,9 +131,13 @@ def _dense_mlp(layer, xn: jax.Array) -> jax.Array:
 
 
 @nnx.jit
+def _final_norm(norm, x: jax.Array) -> jax.Array:
+    return norm(x)
+
+
 def final_hidden(model, x: jax.Array) -> jax.Array:
     """The final norm of the last layer's output (the original's ``last_hidden_state``)."""
-    return model.final_norm(x)
+    return _final_norm(model.final_norm, x)  # pass the norm alone: nnx.jit flattens its args
 
 
 def layer_forward(cfg: ModelConfig, layer, x_btd: jax.Array, p: MoEParams | None = None
