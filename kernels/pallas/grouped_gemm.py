@@ -198,7 +198,7 @@ def _unpack_bf16(p, j: int, bits: int, interpret: bool):
     m = f"0x{mask:04x}{mask:04x}"
     shr = f"shr.b32 t0, t0, {shift};\nshr.b32 t1, t1, {shift};\n" if shift else ""
     asm = ("{\n.reg .b32 t0, t1;\n"
-           "prmt.b32 t0, $2, 0, 0x0504;\nprmt.b32 t1, $2, 0, 0x0706;\n" + shr +
+           "prmt.b32 t0, $2, 0, 0x4140;\nprmt.b32 t1, $2, 0, 0x4342;\n" + shr +
            f"lop3.b32 $0, t0, {m}, 0x43004300, 0xea;\n"
            f"lop3.b32 $1, t1, {m}, 0x43004300, 0xea;\n}}")
     return plgpu.elementwise_inline_asm(
@@ -274,8 +274,16 @@ def _gmm_wonly_kernel(
             return plgpu.load(ref.at[el, jnp.int32(g), pl.ds(n0, bn)], mask=cols_ok,
                               other=0.0).astype(jnp.float32)
 
+        def load_packed(i):
+            """Packed codes of step ``i`` of this split (nothing is read for i >= steps)."""
+            step = s * steps + i
+            rows_p = step * sub + jnp.arange(sub)  # packed byte rows of this step
+            ok = (rows_p < w_ref.shape[1]) & (i < steps)
+            return plgpu.load(w_ref.at[el, pl.ds(step * sub, sub), pl.ds(n0, bn)],
+                              mask=ok[:, None] & cols_ok[None, :], other=0)
+
         def body(i, carry):
-            acc, rs = carry
+            acc, rs, p = carry
             step = s * steps + i
             k0 = step * step_k
             if not quant:
@@ -283,11 +291,10 @@ def _gmm_wonly_kernel(
                 xa = load_x(k0)
                 wb = plgpu.load(w_ref.at[el, pl.ds(k0, step_k), pl.ds(n0, bn)],
                                 mask=(ks < k)[:, None] & cols_ok[None, :], other=0.0)
-                return acc + _dot(xa, wb.astype(xa.dtype)), rs
-            rows_p = step * sub + jnp.arange(sub)  # packed byte rows of this step
-            kp_rows = w_ref.shape[1]
-            p = plgpu.load(w_ref.at[el, pl.ds(step * sub, sub), pl.ds(n0, bn)],
-                           mask=(rows_p < kp_rows)[:, None] & cols_ok[None, :], other=0)
+                return acc + _dot(xa, wb.astype(xa.dtype)), rs, p
+            # the codes feed registers, not the dot, so Triton's pipeliner does not prefetch
+            # them: issue the next step's load now, so it is in flight during this step's math
+            p_next = load_packed(i + 1)
             part = jnp.zeros((bm, bn), jnp.float32)
             xsum = jnp.zeros((bm,), jnp.float32)
             for jj in range(v):
@@ -305,11 +312,12 @@ def _gmm_wonly_kernel(
                 z = -ubias * sc
                 if offset_ref is not None:
                     z = z + load_vec(offset_ref, g)
-                return acc + part * sc[None, :] + xsum[:, None] * z[None, :], rs
-            return acc + part, rs + xsum
+                return acc + part * sc[None, :] + xsum[:, None] * z[None, :], rs, p_next
+            return acc + part, rs + xsum, p_next
 
-        init = (jnp.zeros((bm, bn), jnp.float32), jnp.zeros((bm,), jnp.float32))
-        acc, rs = lax.fori_loop(0, steps, body, init)
+        p0 = load_packed(0) if quant else jnp.zeros((), jnp.int32)
+        init = (jnp.zeros((bm, bn), jnp.float32), jnp.zeros((bm,), jnp.float32), p0)
+        acc, rs, _ = lax.fori_loop(0, steps, body, init)
         if quant and not grouped:
             sc = load_vec(scale_ref, 0)
             z = -ubias * sc
@@ -352,12 +360,23 @@ def _gmm_wa_kernel(
         fp8_direct = xq_ref.dtype == jnp.float8_e4m3fn  # else fp8 arrives as int8 bits
         other = None if fp8_direct else 0  # masked lanes only reach masked rows/cols
 
-        def body(i, acc):
+        def load_packed(i):
+            step = s * steps + i
+            cols_p = step * sub + jnp.arange(sub)
+            ok = (cols_p < kw) & (i < steps)
+            return plgpu.load(w_ref.at[el, pl.ds(n0, bn), pl.ds(step * sub, sub)],
+                              mask=cols_ok[:, None] & ok[None, :], other=other)
+
+        prefetch = v == 2  # nibbles go through registers (see _gmm_wonly_kernel)
+
+        def body(i, carry):
+            acc, p_pre = carry
             step = s * steps + i
             k0 = step * step_k
-            cols_p = step * sub + jnp.arange(sub)
-            p = plgpu.load(w_ref.at[el, pl.ds(n0, bn), pl.ds(step * sub, sub)],
-                           mask=cols_ok[:, None] & (cols_p < kw)[None, :], other=other)
+            if prefetch:
+                p, p_pre = p_pre, load_packed(i + 1)
+            else:
+                p = load_packed(i)
             part = jnp.zeros((bm, bn), part_dtype)
             xsum = jnp.zeros((bm,), jnp.int32)
             for jj in range(v):
@@ -381,10 +400,11 @@ def _gmm_wa_kernel(
                 xsc = plgpu.load(xs_ref.at[pl.ds(r0, bm), g], mask=rows_ok, other=0.0)
                 wsc = plgpu.load(ws_ref.at[el, g, pl.ds(n0, bn)], mask=cols_ok,
                                  other=0.0).astype(jnp.float32)
-                return acc + part.astype(jnp.float32) * xsc[:, None] * wsc[None, :]
-            return acc + part.astype(acc_dtype)
+                return acc + part.astype(jnp.float32) * xsc[:, None] * wsc[None, :], p_pre
+            return acc + part.astype(acc_dtype), p_pre
 
-        acc = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), acc_dtype))
+        p0 = load_packed(0) if prefetch else jnp.zeros((), jnp.int32)
+        acc, _ = lax.fori_loop(0, steps, body, (jnp.zeros((bm, bn), acc_dtype), p0))
         if not grouped:
             xsc = plgpu.load(xs_ref.at[pl.ds(r0, bm), jnp.int32(0)], mask=rows_ok, other=0.0)
             wsc = plgpu.load(ws_ref.at[el, jnp.int32(0), pl.ds(n0, bn)], mask=cols_ok,
@@ -392,6 +412,61 @@ def _gmm_wa_kernel(
             acc = acc.astype(jnp.float32) * xsc[:, None] * wsc[None, :]
         acc = jnp.where(ex < e, acc, 0.0)
         _store(o_ref, acc, s, r0, rows_ok, n0, bn, cols_ok, cfg.split_k)
+
+
+def _dequant_kernel(
+    # inputs
+    w_ref, scale_ref, offset_ref,
+    # outputs
+    o_ref,
+    *, scheme: QScheme, k: int, n: int, bn: int,
+):
+    """One 128-row chunk x ``bn`` columns of one expert: codes -> ``(u - bias) * s + z`` in bf16."""
+    ex, c, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bits = packing.storage_bits(scheme)
+    v = 8 // bits
+    sub = packing.CHUNK // v
+    n0 = j * bn
+    cols_ok = (n0 + jnp.arange(bn)) < n
+    rows_p = c * sub + jnp.arange(sub)
+    p = plgpu.load(w_ref.at[ex, pl.ds(c * sub, sub), pl.ds(n0, bn)],
+                   mask=(rows_p < w_ref.shape[1])[:, None] & cols_ok[None, :], other=0)
+    g = jnp.int32(0) if scheme.group_size == -1 else (c * packing.CHUNK) // scheme.group_size
+    g = jnp.minimum(g, scale_ref.shape[1] - 1)
+    sc = plgpu.load(scale_ref.at[ex, g, pl.ds(n0, bn)], mask=cols_ok, other=0.0)
+    sc = sc.astype(jnp.float32)
+    z = -packing.code_bias(scheme) * sc
+    if offset_ref is not None:
+        z = z + plgpu.load(offset_ref.at[ex, g, pl.ds(n0, bn)], mask=cols_ok,
+                           other=0.0).astype(jnp.float32)
+    for jj in range(v):
+        u = p if v == 1 else (p >> (jj * bits)) & ((1 << bits) - 1)
+        wv = u.astype(jnp.float32) * sc[None, :] + z[None, :]
+        ks = c * packing.CHUNK + jj * sub + jnp.arange(sub)
+        plgpu.store(o_ref.at[ex, pl.ds(c * packing.CHUNK + jj * sub, sub), pl.ds(n0, bn)],
+                    wv.astype(o_ref.dtype), mask=(ks < k)[:, None] & cols_ok[None, :])
+
+
+@functools.partial(jax.jit, static_argnames=("scheme", "k", "n", "dtype", "interpret"))
+def dequantize_weights(qweight, scale, offset, *, scheme: QScheme, k: int, n: int, dtype,
+                       interpret: bool = False):
+    """Weight-only packed codes ``[E, Kp/v, N]`` -> ``[E, K, N]`` in ``dtype`` (one Pallas pass).
+
+    For large token counts ``gmm`` dequantizes once and runs the bf16 kernel: the fused kernel
+    pays the unpack per m-tile and cannot pipeline register-produced operands (NOTES.md).
+    """
+    e = qweight.shape[0]
+    bn = 128
+    kernel = functools.partial(_dequant_kernel, scheme=scheme, k=k, n=n, bn=bn)
+    args = (qweight, scale) if offset is None else (qweight, scale, offset)
+    if offset is None:
+        kernel = _drop_arg(kernel, 2)
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((e, k, n), dtype),
+        grid=(e, -(-packing.padded_k(scheme, k) // packing.CHUNK), -(-n // bn)),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret, name=f"dequant_{scheme.name}",
+    )(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,12 +586,15 @@ def _validate(x, w, group_sizes, scheme):
 
 def gmm(x: jax.Array, w: PackedWeight | jax.Array, group_sizes: jax.Array, *,
         scheme: QScheme | str | None = None, tile: TileConfig | None = None,
-        interpret: bool = False) -> jax.Array:
+        interpret: bool = False, dequant_first: bool | None = None,
+        tile_bf16: TileConfig | None = None) -> jax.Array:
     """Pallas grouped GEMM ``[M, K] x [E, K, N] -> [M, N]`` for any scheme (the kernel itself).
 
     ``w`` is a bf16/f16 array ``[E, K, N]`` (w16a16) or a ``PackedWeight``; ``scheme`` defaults to
     the weight's. Weight-activation schemes quantize ``x`` with ``act_quant.quantize_activations``
-    first (a Pallas kernel). ``tile`` defaults to ``tuning.choose_tile``.
+    first (a Pallas kernel). ``tile`` defaults to ``tuning.choose_tile``. Weight-only schemes with
+    many tokens per expert (``tuning.dequant_first``, or ``dequant_first=True``) dequantize the
+    weights to bf16 in one pass and run the bf16 kernel with ``tile_bf16``.
     """
     if scheme is None:
         scheme = w.scheme if isinstance(w, PackedWeight) else W16A16
@@ -532,6 +610,15 @@ def gmm(x: jax.Array, w: PackedWeight | jax.Array, group_sizes: jax.Array, *,
         return jnp.zeros((0, n), x.dtype)
     if scheme.weight_only:
         if isinstance(w, PackedWeight):
+            if dequant_first is None:
+                dequant_first = tuning.dequant_first(scheme, m=m, e=e)
+            if dequant_first:
+                wd = dequantize_weights(w.qweight, w.scale, w.offset, scheme=scheme, k=k, n=n,
+                                        dtype=x.dtype, interpret=interpret)
+                if tile_bf16 is None:
+                    tile_bf16 = tuning.choose_tile(W16A16, m=m, e=e, n=n, k=k)
+                return _gmm_wonly(x, wd, None, None, group_sizes, scheme=W16A16,
+                                  cfg=tile_bf16, interpret=interpret)
             return _gmm_wonly(x, w.qweight, w.scale, w.offset, group_sizes, scheme=scheme,
                               cfg=tile, interpret=interpret)
         return _gmm_wonly(x, w, None, None, group_sizes, scheme=scheme, cfg=tile,

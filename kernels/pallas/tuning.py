@@ -2,8 +2,8 @@
 
 ``choose_tile(scheme, m, e, n, k, device)`` looks up ``tiles/<device>.json`` (device name with
 spaces as underscores, lower case, e.g. ``nvidia_h200.json``): a list of entries
-``{"kind": ..., "max_m_per_expert": ..., "tile": {...TileConfig fields...}}`` tried in order; the
-first whose kind matches and whose ``max_m_per_expert`` bound holds wins. Kinds: ``bf16``,
+``{"kind": ..., "max_m_per_expert": ..., "min_m_per_expert": ..., "tile": {...}}`` (TileConfig
+fields) tried in order; the first whose kind matches and whose bounds hold wins. Kinds: ``bf16``,
 ``wonly`` (weight-only sub-byte and w8), ``int`` (w8a8/w4a8/w4a4), ``fp8``. Without a table entry a
 heuristic applies: one 16-row tile and split-K up to ~4 programs per SM for decode-size groups,
 64 or 128-row tiles without split-K for large groups. ``split_k`` from the table is a maximum:
@@ -76,7 +76,8 @@ def choose_tile(scheme: QScheme, *, m: int, e: int, n: int, k: int,
     device = device or device_name()
     tile = None
     for entry in load_table(device):
-        if entry["kind"] == kind and mpe <= entry.get("max_m_per_expert", float("inf")):
+        if (entry["kind"] == kind and mpe <= entry.get("max_m_per_expert", float("inf"))
+                and mpe >= entry.get("min_m_per_expert", 0)):
             tile = TileConfig(**entry["tile"])
             break
     if tile is None:
@@ -87,6 +88,22 @@ def choose_tile(scheme: QScheme, *, m: int, e: int, n: int, k: int,
     sms = _SMS.get(device, 132)
     active = min(e, max(m, 1))
     programs = active * max(1, -(-int(mpe) // tile.bm)) * -(-n // tile.bn)
-    while split > 1 and programs * (split // 2) >= 16 * sms:
+    # weight-only codes stream through registers: latency-bound, they want more programs
+    per_sm = 32 if kind == "wonly" else 16
+    while split > 1 and programs * (split // 2) >= per_sm * sms:
         split //= 2
     return dataclasses.replace(tile, split_k=split)
+
+
+# weight-only schemes dequantize first (one pass, then the bf16 kernel) from this many routed
+# rows per expert on; measured on the H200 (bench/NOTES.md), a heuristic elsewhere
+DEQUANT_FIRST_ROWS = {"nvidia_h200": 128}
+
+
+def dequant_first(scheme: QScheme, *, m: int, e: int, device: str | None = None) -> bool:
+    """Whether ``gmm`` should dequantize weight-only codes before a bf16 GEMM."""
+    scheme = QScheme.parse(scheme)
+    if not scheme.weight_only or scheme.w_bits == 16:
+        return False
+    device = device or device_name()
+    return m / max(e, 1) >= DEQUANT_FIRST_ROWS.get(device, 128)

@@ -169,3 +169,13 @@ def test_tile_table_kernel_matches_make_tiles(groups, interpret):
         want = make_tiles(gs, m + 3, bm)
         for a, b in zip(got, want, strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("name,k", [("w4a16_g128_asym", 384), ("w2a16_g-1_sym", 200),
+                                    ("w8a16_g-1_asym", 200)])
+def test_dequant_first_path(name, k, interpret):
+    """Many-token path: one dequantization pass to bf16, then the bf16 kernel."""
+    x, w, gs = _data("mixed", k, 72, seed=k + 2)
+    p = packing.pack(quantize_rtn(w, name))
+    out = gmm(x, p, gs, tile=SMALL, tile_bf16=SMALL, dequant_first=True, interpret=interpret)
+    assert _rel(out, grouped_matmul_reference(x, p, gs)) < TOL[jnp.bfloat16]
