@@ -1,0 +1,129 @@
+"""Calibration pieces on small random models of several families (no ../shared needed).
+
+References: NumPy loops for the padded expert groups, the model's own decoder layers for the
+layer walk, and brute force through the model's parameters for Δ.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import FIXTURES
+from flax import nnx
+
+from mxmoe_jax.calib import calibrate as C
+from mxmoe_jax.calib import loss, walk
+from mxmoe_jax.calib.trace import build_trace, trace_counts
+from mxmoe_jax.config import ModelConfig
+from mxmoe_jax.models import MoECausalLM
+from mxmoe_jax.quant.rtn import fake_quant_weight
+from mxmoe_jax.quant.scheme import QScheme
+
+RNG = np.random.default_rng(0)
+
+
+def _random_model(name: str, std_scale: float = 1.0):
+    cfg = ModelConfig.from_hf(json.loads((FIXTURES / "hf" / name / "config.json").read_text()))
+    model = MoECausalLM(cfg, rngs=nnx.Rngs(0))
+    if std_scale != 1.0:  # larger weights: routing and Δ far from fp32 noise
+        for _, p in nnx.iter_graph(model):
+            if isinstance(p, nnx.Param) and p[...].ndim >= 2:
+                p[...] = p[...] * std_scale
+    return cfg, model
+
+
+@nnx.jit
+def _run_layer(layer, x):
+    """The model's own decoder layer, jitted."""
+    return layer(x, jnp.arange(x.shape[1]))
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 100, 1000, 4097])
+def test_capacity_for_bounds(n):
+    c = loss.capacity_for(n)
+    assert c >= n and c >= 8
+    assert c <= max(8, 1.25 * n)
+
+
+def test_pad_groups_against_numpy():
+    t, k, e, d = 37, 3, 5, 4
+    x = RNG.normal(size=(t, d)).astype(np.float32)
+    idx = np.stack([RNG.choice(e, k, replace=False) for _ in range(t)]).astype(np.int32)
+    w = RNG.random((t, k)).astype(np.float32)
+    cap = int(np.bincount(idx.ravel(), minlength=e).max())
+    g = loss.pad_groups(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), e, cap + 3)
+    for ex in range(e):
+        tok, slot = np.nonzero(idx == ex)  # token order, as the groups promise
+        n = len(tok)
+        np.testing.assert_array_equal(np.asarray(g.token[ex, :n]), tok)
+        np.testing.assert_array_equal(np.asarray(g.x[ex, :n]), x[tok])
+        np.testing.assert_array_equal(np.asarray(g.weight[ex, :n]), w[tok, slot])
+        assert np.all(np.asarray(g.valid[ex, :n])) and not np.any(np.asarray(g.valid[ex, n:]))
+        assert np.all(np.asarray(g.weight[ex, n:]) == 0) and np.all(np.asarray(g.x[ex, n:]) == 0)
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe_norm", "mixtral", "deepseek_v2_lite"])
+def test_layer_walk_matches_model(name):
+    cfg, model = _random_model(name)
+    ids = jnp.asarray(RNG.integers(0, cfg.vocab_size, (2, 16)))
+    x = model.embed_tokens(ids)
+    for layer in model.layers:
+        want = _run_layer(layer, x)
+        got = walk.layer_forward(cfg, layer, x)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+        x = want
+
+
+def test_deepseek_v2_shortcut_equals_brute_force_and_trace():
+    """DS2: dense first layer, ungated shared experts, scaled group-limited routing."""
+    cfg, model = _random_model("deepseek_v2_lite", std_scale=25.0)
+    ids = RNG.integers(0, cfg.vocab_size, (2, 24))
+    scheme = QScheme.parse("w4a16_g-1_sym")
+    res = C.calibrate(model, ids, C.CalibConfig(schemes=(scheme.name,), batch_tokens=32),
+                      meta={})
+    assert list(res["losses"][scheme.name]) == [str(i) for i in cfg.moe_layers]
+    i = cfg.moe_layers[-1]
+    layer = model.layers[i]
+    x = model.embed_tokens(jnp.asarray(ids))
+    for lay in model.layers[:i]:
+        x = _run_layer(lay, x)
+    ref = np.asarray(_run_layer(layer, x), np.float64)
+    got = res["losses"][scheme.name][str(i)]
+    assert len(got) == cfg.num_experts + 1  # shared experts last
+    for e in (0, 3, cfg.num_experts):
+        for bi, b in enumerate(("gate", "up", "down")):
+            param = getattr(layer.mlp.experts, b) if e < cfg.num_experts \
+                else getattr(layer.mlp.shared, f"{b}_proj").kernel
+            orig = param[...]
+            param[...] = orig.at[e].set(fake_quant_weight(orig[e], scheme)) \
+                if e < cfg.num_experts else fake_quant_weight(orig, scheme)
+            try:
+                want = float(np.linalg.norm(np.asarray(_run_layer(layer, x), np.float64) - ref))
+            finally:
+                param[...] = orig
+            assert abs(want - got[str(e)][bi]) <= 1e-3 * want + 1e-7, (e, b, want)
+    counts, wsums = trace_counts(model, ids)
+    tr = build_trace(cfg, counts, wsums, model="ds2", text=[], num_tokens=24)
+    assert tr["moe_layers"] == list(cfg.moe_layers) and "layer-0" not in tr
+    assert tr["num_shared_experts"] == cfg.shared_intermediate_size / cfg.moe_intermediate_size
+    per_window = 24 * cfg.num_experts_per_tok
+    assert counts.sum(axis=2).tolist() == [[per_window] * 2] * len(tr["moe_layers"])
+
+
+def test_unsupported_group_size_is_null_and_bad_config_errors():
+    cfg, model = _random_model("mixtral")  # K = 64 (gate/up) and 32 (down)
+    res = C.calibrate(model, RNG.integers(0, cfg.vocab_size, (1, 16)),
+                      C.CalibConfig(schemes=("w4a16_g64_asym",), layers=(0,)), meta={})
+    blocks = res["losses"]["w4a16_g64_asym"]["0"]
+    assert len(blocks) == cfg.num_experts  # no shared expert
+    assert all(v[2] is None and v[0] is not None for v in blocks.values())
+    with pytest.raises(ValueError, match="method"):
+        C.CalibConfig(schemes=("w4a16_g-1_asym",), method="awq")
+    with pytest.raises(ValueError, match="scheme"):
+        C.CalibConfig(schemes=("w5a16_g-1_asym",))
+    with pytest.raises(ValueError, match="layers"):
+        C.calibrate(model, np.zeros((1, 8), np.int32),
+                    C.CalibConfig(schemes=("w8a8_g-1_sym",), layers=(7,)), meta={})
