@@ -9,6 +9,7 @@ original's ``access_freq`` layout, and a heatmap (layers x experts).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -17,33 +18,41 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from mxmoe_jax.calib.walk import route_tokens
+from mxmoe_jax.calib import walk
+from mxmoe_jax.calib.loss import capacity_for
 
 FORMAT = "mxmoe-jax/trace/1"
 
 
-@nnx.jit
-def _trace_batch(model, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per MoE layer and window: tokens per expert and summed routing weights, ``[L_moe, B, E]``."""
+@functools.partial(jax.jit, static_argnames="num_experts")
+def _counts(topk_idx: jax.Array, topk_weight: jax.Array, num_experts: int):
+    """Per window: tokens per expert ``[B, E]`` int32 and summed routing weights ``[B, E]``."""
+    onehot = jax.nn.one_hot(topk_idx, num_experts, dtype=jnp.float32)  # [B, T, k, E]
+    return (onehot.sum(axis=(1, 2)).astype(jnp.int32),
+            jnp.einsum("btke,btk->be", onehot, topk_weight, precision=jax.lax.Precision.HIGHEST))
+
+
+def _trace_batch(model, ids: jax.Array) -> tuple[list, list]:
+    """Run the model layer by layer on ``ids [B, T]``; per MoE layer ``[B, E]`` counts/weights."""
     cfg = model.cfg
     b, t = ids.shape
-    positions = jnp.arange(t, dtype=jnp.int32)
-    x = model.embed_tokens(ids)
+    x = walk.embed(model, ids)
     counts, wsums = [], []
     for layer in model.layers:
-        h = layer.attention_residual(x, positions)
-        xn = layer.post_attn_norm(h)
-        if layer.is_moe:
-            idx, wt = route_tokens(cfg, layer.mlp.router.kernel[...], xn.reshape(b * t, -1))
-            onehot = jax.nn.one_hot(idx.reshape(b, t * idx.shape[-1]), cfg.num_experts,
-                                    dtype=jnp.float32)  # [B, T*k, E]
-            counts.append(onehot.sum(axis=1).astype(jnp.int32))
-            wsums.append(jnp.einsum("bme,bm->be", onehot, wt.reshape(b, -1),
-                                    precision=jax.lax.Precision.HIGHEST))
-        x = h + layer.mlp(xn)
-    return jnp.stack(counts), jnp.stack(wsums)
+        if not layer.is_moe:
+            x = walk.layer_forward(cfg, layer, x)
+            continue
+        h, xn = walk.attention_part(layer, x)
+        p = walk.moe_params(layer)
+        x_td = xn.reshape(b * t, -1)
+        idx, wt, biggest = walk.route_with_max(cfg, p.router, x_td)
+        c, w = _counts(idx.reshape(b, t, -1), wt.reshape(b, t, -1), cfg.num_experts)
+        counts.append(np.asarray(c))
+        wsums.append(np.asarray(w, np.float64))
+        moe = walk.moe_forward(cfg, p, x_td, capacity=capacity_for(int(biggest)))
+        x = (h + moe.reshape(h.shape).astype(h.dtype)).astype(h.dtype)
+    return counts, wsums
 
 
 def trace_counts(model, windows: np.ndarray, *, batch_tokens: int = 8192,
@@ -63,8 +72,8 @@ def trace_counts(model, windows: np.ndarray, *, batch_tokens: int = 8192,
     counts, wsums = [], []
     for i in starts:
         c, w = _trace_batch(model, jnp.asarray(windows[i:i + per]))
-        counts.append(np.asarray(c))
-        wsums.append(np.asarray(w, np.float64))
+        counts.append(np.stack(c))
+        wsums.append(np.stack(w))
     return np.concatenate(counts, axis=1), np.concatenate(wsums, axis=1)
 
 
