@@ -1,13 +1,14 @@
 """Grouped-GEMM benchmark: our Pallas kernels for every scheme beside XLA and torch, vs the floors.
 
-``python -m bench.gmm [--models ...] [--tokens 32 1024 8192] [--schemes ...]``. For each model shape of ``../shared/BENCHMARKS.md`` (one MoE
-layer's fused gate+up GEMM ``[T, K] x [E, K, N]``, ``T = tokens * top_k``) and token count: Zipf-like
-routing with some empty experts, random normal data; per scheme the kernel's device time from
-``jax.profiler`` (``bench.timing``), a correctness check on fresh data with the output memory
-poisoned first (NaN buffer freed just before the call, so an unwritten tile shows as NaN), and the
-ratio to the floor ``max(weight bytes of active experts / 4.3 TB/s, FLOPs / rate)`` with rate 790
-TFLOP/s (bf16, weight-only) or 1580 TOP/s (int8, fp8). Peers: XLA ``lax.ragged_dot`` bf16 and torch
-``_grouped_mm`` bf16 when importable (CUDA events). tokamax is not installed on the GPU machine.
+``python -m bench.gmm [--models ...] [--tokens 32 1024 8192] [--schemes ...]``. For each model shape
+of ``../shared/BENCHMARKS.md`` (one MoE layer's fused gate+up GEMM ``[T, K] x [E, K, N]``, ``T =
+tokens * top_k``) and token count: Zipf-like routing with some empty experts, random normal data;
+per scheme the kernel's device time from ``jax.profiler`` (``bench.timing``), a correctness check on
+fresh data with the output memory poisoned first (NaN buffer freed just before the call, so an
+unwritten tile shows as NaN), and the ratio to the floor ``max(weight bytes of active experts / 4.3
+TB/s, FLOPs / rate)`` with rate 790 TFLOP/s (bf16, weight-only) or 1580 TOP/s (int8, fp8). Peers:
+XLA ``lax.ragged_dot`` bf16 and torch ``_grouped_mm`` bf16 when importable (CUDA events). tokamax is
+not installed on the GPU machine.
 Writes ``gmm-<date>.json`` and ``gmm-<date>.png`` and prints a table.
 """
 

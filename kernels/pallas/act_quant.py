@@ -7,7 +7,8 @@ to float8_e4m3fn. One program per ``bm`` rows and K-group (per token: the whole 
 power of two) loads its block once: max, scale, quantize, store.
 
 Triton has no round primitive here, so rounding uses the f32 trick
-``(y + 1.5 * 2^23) - 1.5 * 2^23``, exact round-half-to-even for ``|y| < 2^22`` (codes are at most 127).
+``(y + 1.5 * 2^23) - 1.5 * 2^23``, exact round-half-to-even for ``|y| < 2^22`` (codes are at
+most 127).
 """
 
 from __future__ import annotations

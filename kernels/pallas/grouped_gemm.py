@@ -9,13 +9,13 @@ rows of K packed together (sub-byte codes); *split*: one of ``split_k`` K ranges
 separate programs (small token counts need them to fill the GPU).
 
 Tile table. The Triton backend has no scalar prefetch and no dynamic grid, so ``tile_table`` (one
-small Pallas launch; ``make_tiles`` is its pure-jnp twin) computes three int32 arrays (tile -> expert, first row, end
-row) padded to a static bound ``M // bm + E + 1``; padding tiles have ``first == end`` and exit at
-once. Tiles are ordered heaviest first (full tiles before partial ones: the MxMoE paper's greedy
-order), and rows past ``sum(group_sizes)`` get tiles of the pseudo-expert ``E`` that store zeros,
-so every output row is written by the kernel (no memset pass). The grid is one-dimensional;
-program ``p`` decodes to (split fastest, then column block, then tile), so the programs in flight
-at one time share one expert's weight columns in L2.
+small Pallas launch; ``make_tiles`` is its pure-jnp twin) computes three int32 arrays (tile ->
+expert, first row, end row) padded to a static bound ``M // bm + E + 1``; padding tiles have ``first
+== end`` and exit at once. Tiles are ordered heaviest first (full tiles before partial ones: the
+MxMoE paper's greedy order), and rows past ``sum(group_sizes)`` get tiles of the pseudo-expert ``E``
+that store zeros, so every output row is written by the kernel (no memset pass). The grid is
+one-dimensional; program ``p`` decodes to (split fastest, then column block, then tile), so the
+programs in flight at one time share one expert's weight columns in L2.
 
 Split-K. With ``split_k = S > 1`` every program stores an f32 partial into ``[S, M, N]`` and XLA
 sums the partials (one small fused pass); deterministic and identical in interpret mode, unlike
@@ -117,7 +117,7 @@ def _tile_table_kernel(
     ex_ref, r0_ref, r1_ref,
     *, m: int, e: int, bm: int, ep: int, bt: int, n_tiles: int,
 ):
-    """``make_tiles`` as one small launch: ``bt`` tile slots per program, experts on ``ep`` lanes."""
+    """``make_tiles`` in one launch: ``bt`` tile slots per program, experts on ``ep`` lanes."""
     lanes = jnp.arange(ep)
     zero = pl.program_id(0) * 0  # a traced start: the masked block reads past E statically
     gs = plgpu.load(gs_ref.at[pl.ds(zero, ep)], mask=lanes < e, other=0)
@@ -275,15 +275,15 @@ def _gmm_wonly_kernel(
                               other=0.0).astype(jnp.float32)
 
         def load_packed(i):
-            """Packed codes of step ``i`` of this split (nothing is read for i >= steps)."""
+            """Packed codes of step ``i`` of this split."""
             step = s * steps + i
             rows_p = step * sub + jnp.arange(sub)  # packed byte rows of this step
-            ok = (rows_p < w_ref.shape[1]) & (i < steps)
+            ok = rows_p < w_ref.shape[1]
             return plgpu.load(w_ref.at[el, pl.ds(step * sub, sub), pl.ds(n0, bn)],
                               mask=ok[:, None] & cols_ok[None, :], other=0)
 
         def body(i, carry):
-            acc, rs, p = carry
+            acc, rs = carry
             step = s * steps + i
             k0 = step * step_k
             if not quant:
@@ -291,10 +291,10 @@ def _gmm_wonly_kernel(
                 xa = load_x(k0)
                 wb = plgpu.load(w_ref.at[el, pl.ds(k0, step_k), pl.ds(n0, bn)],
                                 mask=(ks < k)[:, None] & cols_ok[None, :], other=0.0)
-                return acc + _dot(xa, wb.astype(xa.dtype)), rs, p
-            # the codes feed registers, not the dot, so Triton's pipeliner does not prefetch
-            # them: issue the next step's load now, so it is in flight during this step's math
-            p_next = load_packed(i + 1)
+                return acc + _dot(xa, wb.astype(xa.dtype)), rs
+            # (a manual one-step prefetch of the codes, carried through the loop, measured
+            # slower on the H200: 107 -> 171 us at Qwen1.5 decode; see bench/NOTES.md)
+            p = load_packed(i)
             part = jnp.zeros((bm, bn), jnp.float32)
             xsum = jnp.zeros((bm,), jnp.float32)
             for jj in range(v):
@@ -312,12 +312,11 @@ def _gmm_wonly_kernel(
                 z = -ubias * sc
                 if offset_ref is not None:
                     z = z + load_vec(offset_ref, g)
-                return acc + part * sc[None, :] + xsum[:, None] * z[None, :], rs, p_next
-            return acc + part, rs + xsum, p_next
+                return acc + part * sc[None, :] + xsum[:, None] * z[None, :], rs
+            return acc + part, rs + xsum
 
-        p0 = load_packed(0) if quant else jnp.zeros((), jnp.int32)
-        init = (jnp.zeros((bm, bn), jnp.float32), jnp.zeros((bm,), jnp.float32), p0)
-        acc, rs, _ = lax.fori_loop(0, steps, body, init)
+        init = (jnp.zeros((bm, bn), jnp.float32), jnp.zeros((bm,), jnp.float32))
+        acc, rs = lax.fori_loop(0, steps, body, init)
         if quant and not grouped:
             sc = load_vec(scale_ref, 0)
             z = -ubias * sc
@@ -363,20 +362,13 @@ def _gmm_wa_kernel(
         def load_packed(i):
             step = s * steps + i
             cols_p = step * sub + jnp.arange(sub)
-            ok = (cols_p < kw) & (i < steps)
             return plgpu.load(w_ref.at[el, pl.ds(n0, bn), pl.ds(step * sub, sub)],
-                              mask=cols_ok[:, None] & ok[None, :], other=other)
+                              mask=cols_ok[:, None] & (cols_p < kw)[None, :], other=other)
 
-        prefetch = v == 2  # nibbles go through registers (see _gmm_wonly_kernel)
-
-        def body(i, carry):
-            acc, p_pre = carry
+        def body(i, acc):
             step = s * steps + i
             k0 = step * step_k
-            if prefetch:
-                p, p_pre = p_pre, load_packed(i + 1)
-            else:
-                p = load_packed(i)
+            p = load_packed(i)
             part = jnp.zeros((bm, bn), part_dtype)
             xsum = jnp.zeros((bm,), jnp.int32)
             for jj in range(v):
@@ -400,11 +392,10 @@ def _gmm_wa_kernel(
                 xsc = plgpu.load(xs_ref.at[pl.ds(r0, bm), g], mask=rows_ok, other=0.0)
                 wsc = plgpu.load(ws_ref.at[el, g, pl.ds(n0, bn)], mask=cols_ok,
                                  other=0.0).astype(jnp.float32)
-                return acc + part.astype(jnp.float32) * xsc[:, None] * wsc[None, :], p_pre
-            return acc + part.astype(acc_dtype), p_pre
+                return acc + part.astype(jnp.float32) * xsc[:, None] * wsc[None, :]
+            return acc + part.astype(acc_dtype)
 
-        p0 = load_packed(0) if prefetch else jnp.zeros((), jnp.int32)
-        acc, _ = lax.fori_loop(0, steps, body, (jnp.zeros((bm, bn), acc_dtype), p0))
+        acc = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), acc_dtype))
         if not grouped:
             xsc = plgpu.load(xs_ref.at[pl.ds(r0, bm), jnp.int32(0)], mask=rows_ok, other=0.0)
             wsc = plgpu.load(ws_ref.at[el, jnp.int32(0), pl.ds(n0, bn)], mask=cols_ok,

@@ -82,15 +82,18 @@ def choose_tile(scheme: QScheme, *, m: int, e: int, n: int, k: int,
             break
     if tile is None:
         tile = _heuristic(kind, mpe)
-    # keep >= 2 K steps per split; for few rows per expert, split until ~16 programs per SM
     steps = _steps(scheme, tile, k)
+    if kind == "wonly":
+        # weight-only codes stream through registers and are latency-bound: the most programs
+        # measured fastest (split 16 at Qwen1.5 decode: 95 us vs 107 us at split 4), down to
+        # one K step per split
+        return dataclasses.replace(tile, split_k=max(1, min(tile.split_k, steps)))
+    # others: keep >= 2 K steps per split, and stop splitting at ~16 programs per SM
     split = max(1, min(tile.split_k, steps // 2))
     sms = _SMS.get(device, 132)
     active = min(e, max(m, 1))
     programs = active * max(1, -(-int(mpe) // tile.bm)) * -(-n // tile.bn)
-    # weight-only codes stream through registers: latency-bound, they want more programs
-    per_sm = 32 if kind == "wonly" else 16
-    while split > 1 and programs * (split // 2) >= per_sm * sms:
+    while split > 1 and programs * (split // 2) >= 16 * sms:
         split //= 2
     return dataclasses.replace(tile, split_k=split)
 

@@ -1,7 +1,8 @@
 """Packed weight layouts for the grouped-GEMM kernels: ``pack(qw) -> PackedWeight`` and back.
 
 The layouts are chosen for what the kernels in ``kernels/pallas/grouped_gemm.py`` load (that
-module's docstring documents them once, with the reasons); this file is their pure-jnp twin. Summary:
+module's docstring documents them once, with the reasons); this file is their pure-jnp twin.
+Summary:
 
 * Weight-only schemes (``a_bits == 16``; w8/w4/w3/w2): ``[..., K, N]`` (N contiguous, the dot's
   right operand), codes stored unsigned, ``u = code + bias`` with ``bias = 2^(w_bits-1)`` for sym
@@ -13,7 +14,8 @@ module's docstring documents them once, with the reasons); this file is their pu
   interleaving and no slicing of loaded values). K is padded with zero codes to a multiple of 128.
 * Weight-activation integer schemes (w8a8, w4a8, w4a4): K-major ``[..., N, K]`` (Triton's int8 dot
   wants both operands K-major), int8 codes; 4-bit codes are offset-binary nibbles ``u = code + 8``
-  in the same 128-row chunks (``v = 2``; zero padding is ``u = 0``). FP8 (``w8a8_g-1_fp8``): ``float8_e4m3fn`` codes ``[..., N, K]``.
+  in the same 128-row chunks (``v = 2``; zero padding is ``u = 0``). FP8 (``w8a8_g-1_fp8``):
+  ``float8_e4m3fn`` codes ``[..., N, K]``.
 * Scales and offsets keep the shape ``[..., K // group_size or 1, N]`` of ``QuantizedWeight`` and
   are stored as float16 (they are float16-representable by the interface contract, so this is
   exact and halves their bytes).

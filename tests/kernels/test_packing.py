@@ -12,8 +12,8 @@ from mxmoe_jax.quant.qtensor import QuantizedWeight, dequantize
 from mxmoe_jax.quant.rtn import quantize_rtn
 
 SCHEMES = ["w8a16_g-1_asym", "w8a16_g128_sym", "w4a16_g128_asym", "w4a16_g-1_sym",
-           "w3a16_g128_asym", "w3a16_g-1_sym", "w2a16_g128_asym", "w2a16_g-1_sym",
-           "w8a8_g-1_sym", "w4a8_g-1_sym", "w4a4_g-1_sym", "w4a4_g128_sym", "w8a8_g-1_fp8"]
+           "w3a16_g128_asym", "w2a16_g128_asym", "w2a16_g-1_sym",
+           "w8a8_g-1_sym", "w4a4_g-1_sym", "w4a4_g128_sym", "w8a8_g-1_fp8"]
 
 
 @pytest.mark.parametrize("name", SCHEMES)
