@@ -85,9 +85,20 @@ def route_with_max(cfg: ModelConfig, router: jax.Array, x_td: jax.Array):
     return idx, wt, jnp.max(jnp.bincount(idx.reshape(-1), length=cfg.num_experts))
 
 
+_USED_CAPACITIES: set[int] = set()  # capacities already compiled in this process
+
+
 def chunk_capacity(cfg: ModelConfig, p: MoEParams, x_td: jax.Array) -> int:
-    """The padded group capacity for this chunk (one host sync)."""
-    return capacity_for(int(route_with_max(cfg, p.router, x_td)[2]))
+    """The padded group capacity for this chunk (one host sync).
+
+    Reuses a capacity seen before when it wastes at most half again the rows needed, so layers
+    and chunks with similar loads share one compiled program instead of compiling their own.
+    """
+    need = int(route_with_max(cfg, p.router, x_td)[2])
+    fits = [c for c in _USED_CAPACITIES if need <= c <= max(1.5 * need, 8)]
+    cap = min(fits) if fits else capacity_for(need)
+    _USED_CAPACITIES.add(cap)
+    return cap
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "capacity"))
