@@ -16,6 +16,8 @@ _COMMANDS = (
     "mxmoe_jax.convert.export_cli",
     "mxmoe_jax.calib.trace_cli",
     "mxmoe_jax.calib.calibrate_cli",
+    "mxmoe_jax.perf.cli",
+    "mxmoe_jax.alloc.cli",
     "mxmoe_jax.eval.cli",
     "mxmoe_jax.pipeline",
 )

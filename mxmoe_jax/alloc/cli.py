@@ -1,0 +1,87 @@
+"""``mxmoe-jax solve``: choose a scheme per linear block (the MxMoE MILP), with its Pareto frontier.
+
+Writes ``--out`` (qconfig.json, schema in `mxmoe_jax.alloc.qconfig`) and beside it
+``<stem>.pareto.csv``, ``<stem>.frontier.png`` and ``<stem>.heatmap.png``; prints mixed vs uniform.
+``--import-original F`` instead converts an original MxMoE qconfig to ours (no solving).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("solve", help="bit allocation per linear block (MILP + Pareto frontier)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trace", help="trace.json from `mxmoe-jax trace`")
+    p.add_argument("--loss", help="loss.json from `mxmoe-jax calibrate`")
+    p.add_argument("--perf", help="perf.json from `mxmoe-jax profile`")
+    p.add_argument("--wbits", type=float, help="average weight bits, scales included (w4 g128 = "
+                   "4.25)")
+    p.add_argument("--abits", type=float, help="average activation-bit budget (default: none)")
+    p.add_argument("--batch", type=int, default=512, help="tokens per forward pass (default 512)")
+    p.add_argument("--r", type=float, default=0.75,
+                   help="objective L^r T^(1-r): 1 = accuracy only, 0 = speed only (default 0.75)")
+    p.add_argument("--mode", choices=("layer", "model"), default="layer",
+                   help="budget per layer (default) or for the whole model")
+    p.add_argument("--granularity", choices=("linear", "expert"), default="linear",
+                   help="a scheme per block group (default) or per expert")
+    p.add_argument("--schemes", nargs="+", metavar="S",
+                   help="candidate schemes (default: every scheme in loss.json)")
+    p.add_argument("--grid", type=int, default=3, help="display points on the frontier (def. 3)")
+    p.add_argument("--exact", action="store_true",
+                   help="zero gaps, no time limits: provably optimal, slow on big layers")
+    p.add_argument("--solver", choices=("highs", "cbc"), default="highs")
+    p.add_argument("--out", required=True, help="qconfig.json to write")
+    p.add_argument("--export-original", metavar="PATH",
+                   help="also write the assignment in the original MxMoE schema")
+    p.add_argument("--import-original", metavar="PATH",
+                   help="convert an original MxMoE qconfig to --out instead of solving")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    import json
+
+    from mxmoe_jax.alloc.qconfig import from_original, to_original
+    from mxmoe_jax.perf.model import write_json_atomic
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite")
+    if args.import_original:
+        src = Path(args.import_original)
+        if not src.is_file():
+            raise FileNotFoundError(f"{src}: original qconfig not found")
+        q = from_original(json.loads(src.read_text()), source=str(src))
+        write_json_atomic(out, q)
+        print(f"wrote {out}: {len(q['layers'])} layers imported from {src}")
+        return 0
+    missing = [f"--{n}" for n in ("trace", "loss", "perf", "wbits") if getattr(args, n) is None]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)} (or use --import-original)")
+
+    from mxmoe_jax.alloc.problem import load_inputs
+    from mxmoe_jax.alloc.report import plot_frontier, plot_heatmap, summary_table, write_pareto_csv
+    from mxmoe_jax.alloc.solve import SolveConfig, solve_allocation
+
+    inputs = load_inputs(args.trace, args.loss, args.perf, batch=args.batch, schemes=args.schemes)
+    kw = dict(wbits=args.wbits, abits=args.abits, r=args.r, mode=args.mode,
+              granularity=args.granularity, grid=args.grid, solver=args.solver)
+    cfg = SolveConfig.exact(**kw) if args.exact else SolveConfig(**kw)
+    result = solve_allocation(inputs, cfg, meta=dict(trace=args.trace, loss=args.loss))
+    write_json_atomic(out, result.qconfig)
+    written = [out]
+    stem = out.with_suffix("")
+    written.append(write_pareto_csv(result, f"{stem}.pareto.csv"))
+    if not args.no_plots:
+        written.append(plot_frontier(result, f"{stem}.frontier.png"))
+        written.append(plot_heatmap(result, f"{stem}.heatmap.png"))
+    if args.export_original:
+        written.append(write_json_atomic(args.export_original, to_original(result.qconfig)))
+    print(summary_table(result))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0

@@ -1,0 +1,255 @@
+"""From trace.json + loss.json + perf.json to the MILP's units (what `mxmoe-jax solve` optimises).
+
+Per MoE layer and expert (routed ``0..E-1``, then the shared expert ``E`` if the model has one):
+
+* tokens per expert at ``--batch`` tokens: ``m_e = access_freq_e / num_tokens * batch`` (a routed
+  expert sees ``batch * topk`` tokens in all); the shared expert sees every token, ``m = batch``;
+* block groups: ``gate_up`` (gate and up share their input, their activation quantization and one
+  GEMM ``[m, hidden] x [hidden, 2 * inter]``, so they share a scheme: loss ``Δ_gate + Δ_up``) and
+  ``down`` (``[m, inter] x [inter, hidden]``); the shared expert's ``inter`` is
+  ``num_shared_experts * NK[0]`` (its true size);
+* time: the perf table's best tile for that GEMM, less one launch (the mixed layer is one launch per
+  GEMM kind, paid once per layer as ``t0``);
+* storage: ``QScheme.bits_per_weight(k)`` (scales and offsets included) x the block's weights;
+* activation bits: 16 for weight-only schemes, ``a_bits + 16 / group_size`` (one 16-bit scale per
+  group; per token: ``16 / k``) otherwise, averaged over weights like the weight bits.
+
+A scheme whose ``group_size`` does not divide a block's K, or whose loss entry is null, is not
+offered for that block group (and, with expert granularity, for that expert); a scheme missing from
+loss.json or perf.json altogether is an error that lists what is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from mxmoe_jax.alloc.milp import Units
+from mxmoe_jax.perf.model import PerfModel
+from mxmoe_jax.quant.scheme import QScheme
+
+TRACE_FORMAT = "mxmoe-jax/trace/1"
+LOSS_FORMAT = "mxmoe-jax/loss/1"
+GROUPS = ("gate_up", "down")
+BLOCKS = ("gate", "up", "down")
+GRANULARITIES = ("linear", "expert")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class LayerData:
+    """One MoE layer's costs; axis ``e`` = experts (shared last), ``s`` = schemes."""
+
+    layer: str  # layer index as written in trace/loss ("3")
+    experts: list[str]  # expert keys, "0".."E-1" routed, then "E" if shared
+    tokens: np.ndarray  # [e] tokens per expert at --batch
+    inter: np.ndarray  # [e] intermediate size of each expert
+    loss: np.ndarray  # [e, 3, s] Δ of gate, up, down (NaN: not offered)
+    time: np.ndarray  # [e, 2, s] µs of gate_up and down without the launch (NaN: not offered)
+    bpw: np.ndarray  # [e, 2, s] storage bits per weight
+    abpw: np.ndarray  # [e, 2, s] activation bits
+    size: np.ndarray  # [e, 2] weight elements of gate_up and down
+    t0: float  # µs every assignment pays: one launch per GEMM kind
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class AllocInputs:
+    """Everything `solve` needs, validated."""
+
+    schemes: tuple[str, ...]  # QScheme names, the MILP's scheme axis
+    layers: list[LayerData]
+    batch: int  # tokens per forward pass the times are for
+    hidden: int
+    moe_inter: int
+    perf: PerfModel
+    trace_meta: dict  # trace.json's top-level fields (no per-layer data)
+    loss_meta: dict  # loss.json "meta"
+
+
+def _read_json(path: str | Path, what: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def activation_bits(s: QScheme, k: int) -> float:
+    """Average stored bits per activation element the GEMM reads (scales included)."""
+    if s.a_bits == 16:
+        return 16.0
+    return s.a_bits + 16.0 / (s.group_size if s.group_size > 0 else k)
+
+
+def _moe_layers(trace: dict) -> list[str]:
+    if "moe_layers" in trace:
+        return [str(i) for i in trace["moe_layers"]]
+    return sorted((k.split("-", 1)[1] for k in trace if k.startswith("layer-")), key=int)
+
+
+def _list_missing(items: list[str], limit: int = 8) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def build_inputs(trace: dict, loss: dict, perf: PerfModel, *, batch: int,
+                 schemes: list[str] | None = None, names: tuple[str, str] = ("trace", "loss")
+                 ) -> AllocInputs:
+    """Validate the three inputs against each other and compute every unit's costs."""
+    tname, lname = names
+    if batch <= 0:
+        raise ValueError(f"--batch: must be a positive number of tokens, got {batch}")
+    if trace.get("format", TRACE_FORMAT) != TRACE_FORMAT:
+        raise ValueError(f"{tname}: format {trace.get('format')!r}, expected {TRACE_FORMAT!r}")
+    if loss.get("format") != LOSS_FORMAT:
+        raise ValueError(f"{lname}: format {loss.get('format')!r}, expected {LOSS_FORMAT!r}")
+    for field in ("NK", "num_tokens"):
+        if field not in trace:
+            raise ValueError(f"{tname}: missing field {field!r}")
+    moe_inter, hidden = (int(v) for v in trace["NK"])
+    num_tokens = float(trace["num_tokens"])
+    ratio = float(trace.get("num_shared_experts", 0) or 0)
+    shared_inter = round(ratio * moe_inter)
+    if ratio and abs(shared_inter - ratio * moe_inter) > 1e-6 * moe_inter:
+        raise ValueError(f"{tname}: num_shared_experts {ratio} x NK[0] {moe_inter} is not whole")
+
+    table = loss.get("losses")
+    if not isinstance(table, dict) or not table:
+        raise ValueError(f"{lname}: no 'losses' table")
+    want = [QScheme.parse(s).name for s in (schemes or table)]
+    want = list(dict.fromkeys(want))
+    canon = {QScheme.parse(k).name: k for k in table}
+    missing = [s for s in want if s not in canon]
+    if missing:
+        raise ValueError(f"{lname}: no losses for scheme(s) {', '.join(missing)} "
+                         f"(it has {', '.join(sorted(canon))}); calibrate them or drop them "
+                         "from --schemes")
+
+    layers, gaps, perf_missing = [], [], set()
+    for layer in _moe_layers(trace):
+        key = f"layer-{layer}"
+        if key not in trace:
+            raise ValueError(f"{tname}: moe_layers lists {layer} but has no {key!r}")
+        freq = np.asarray(trace[key]["access_freq"], dtype=float)
+        n_routed = len(freq)
+        experts = [str(e) for e in range(n_routed)] + ([str(n_routed)] if ratio else [])
+        tokens = np.append(freq / num_tokens * batch, [float(batch)] if ratio else [])
+        inter = np.array([moe_inter] * n_routed + ([shared_inter] if ratio else []))
+        n_e, n_s = len(experts), len(want)
+        d = np.full((n_e, 3, n_s), np.nan)
+        for j, s in enumerate(want):
+            per_layer = table[canon[s]].get(layer)
+            if per_layer is None:
+                gaps.append(f"{s} layer {layer}")
+                continue
+            for i, e in enumerate(experts):
+                row = per_layer.get(e)
+                if row is None or len(row) != 3:
+                    gaps.append(f"{s} layer {layer} expert {e}")
+                    continue
+                d[i, :, j] = [np.nan if v is None else float(v) for v in row]
+        if (d[np.isfinite(d)] < 0).any():
+            raise ValueError(f"{lname}: negative loss in layer {layer}")
+        t = np.full((n_e, 2, n_s), np.nan)
+        bpw = np.full((n_e, 2, n_s), np.nan)
+        abpw = np.full((n_e, 2, n_s), np.nan)
+        size = np.stack([2.0 * inter * hidden, 1.0 * inter * hidden], axis=1)
+        for j, s in enumerate(want):
+            q = QScheme.parse(s)
+            for i in range(n_e):
+                for g, (n, k) in enumerate([(2 * inter[i], hidden), (hidden, inter[i])]):
+                    try:
+                        q.scale_groups(int(k))
+                    except ValueError:
+                        continue  # group_size does not divide K: not offered here
+                    bpw[i, g, j] = q.bits_per_weight(int(k))
+                    abpw[i, g, j] = activation_bits(q, int(k))
+                    if not perf.has(s, int(n), int(k)):
+                        perf_missing.add(f"{s} n={int(n)} k={int(k)}")
+                        continue
+                    m = tokens[i]
+                    t[i, g, j] = 0.0 if m <= 0 else max(
+                        0.0, perf.cost_us(s, m, int(n), int(k)) - perf.launch_us)
+        # gate and up share one scheme: the group is offered only where both have a loss
+        layers.append(LayerData(layer=layer, experts=experts, tokens=tokens, inter=inter, loss=d,
+                                time=t, bpw=bpw, abpw=abpw, size=size, t0=2 * perf.launch_us))
+    if gaps:
+        raise ValueError(f"{lname}: missing entries: {_list_missing(gaps)}")
+    if perf_missing:
+        raise ValueError(f"{perf.path or 'perf table'} ({perf.label}) has no entry for "
+                         f"{_list_missing(sorted(perf_missing))}; profile these schemes and shapes")
+    if not layers:
+        raise ValueError(f"{tname}: no MoE layers")
+    meta = {k: v for k, v in trace.items() if not k.startswith("layer-")}
+    return AllocInputs(schemes=tuple(want), layers=layers, batch=int(batch), hidden=hidden,
+                       moe_inter=moe_inter, perf=perf, trace_meta=meta,
+                       loss_meta=dict(loss.get("meta", {})))
+
+
+def load_inputs(trace: str | Path, loss: str | Path, perf: str | Path, *, batch: int,
+                schemes: list[str] | None = None) -> AllocInputs:
+    return build_inputs(_read_json(trace, "trace"), _read_json(loss, "loss table"),
+                        PerfModel.load(perf), batch=batch, schemes=schemes,
+                        names=(str(trace), str(loss)))
+
+
+def group_arrays(ld: LayerData) -> dict[str, np.ndarray]:
+    """Per (expert, group, scheme) loss/time/bits with gate and up merged; NaN = not offered."""
+    loss = np.stack([ld.loss[:, 0] + ld.loss[:, 1], ld.loss[:, 2]], axis=1)  # [e, 2, s]
+    ok = np.isfinite(loss) & np.isfinite(ld.time) & np.isfinite(ld.bpw)
+    nan = np.full_like(loss, np.nan)
+    return dict(loss=np.where(ok, loss, nan), time=np.where(ok, ld.time, nan),
+                wbits=np.where(ok, ld.bpw * ld.size[..., None], nan),
+                abits=np.where(ok, ld.abpw * ld.size[..., None], nan))
+
+
+def make_units(layers: list[LayerData], granularity: str = "linear") -> Units:
+    """The MILP units of these layers: (expert, group) pairs, or whole experts."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"--granularity: {granularity!r} is not one of {GRANULARITIES}")
+    parts = {k: [] for k in ("loss", "time", "wbits", "abits", "size")}
+    for ld in layers:
+        a = group_arrays(ld)
+        if granularity == "linear":
+            for k in ("loss", "time", "wbits", "abits"):
+                parts[k].append(a[k].reshape(-1, a[k].shape[-1]))
+            parts["size"].append(ld.size.reshape(-1))
+        else:  # NaN anywhere in an expert's groups removes the scheme from the expert
+            for k in ("loss", "time", "wbits", "abits"):
+                parts[k].append(a[k].sum(axis=1))
+            parts["size"].append(ld.size.sum(axis=1))
+    cat = {k: np.concatenate(v) for k, v in parts.items()}
+    return Units(t0=float(sum(ld.t0 for ld in layers)), **cat)
+
+
+def decode(layers: list[LayerData], granularity: str, choice: np.ndarray,
+           schemes: tuple[str, ...]) -> dict[str, dict[str, dict[str, str]]]:
+    """Unit choices back to {layer: {expert: {gate, up, down}}} scheme names."""
+    out, pos = {}, 0
+    for ld in layers:
+        per = {}
+        for e in ld.experts:
+            if granularity == "linear":
+                gu, dn = schemes[choice[pos]], schemes[choice[pos + 1]]
+                pos += 2
+            else:
+                gu = dn = schemes[choice[pos]]
+                pos += 1
+            per[e] = {"gate": gu, "up": gu, "down": dn}
+        out[ld.layer] = per
+    if pos != len(choice):
+        raise ValueError(f"choice: {len(choice)} entries, expected {pos}")
+    return out
+
+
+def uniform_choice(units: Units, s: int) -> np.ndarray | None:
+    """Every unit on scheme ``s``, or None if some unit cannot take it."""
+    if not units.available[:, s].all():
+        return None
+    return np.full(units.loss.shape[0], s)
+
+

@@ -1,0 +1,119 @@
+"""qconfig.json: the per-block scheme assignment `solve` writes and the layer / `quantize` read.
+
+Our schema (``mxmoe-jax/qconfig/1``)::
+
+    {"format": "mxmoe-jax/qconfig/1",
+     "meta": {"wbits": 4.25, "abits": null, "batch": 512, "r": 0.75, "mode": "layer",
+              "granularity": "linear", "schemes": [...], "trace": "...", "loss": "...",
+              "perf": {"path": "...", "source": "analytic", "device": "H200"}, "solver": "highs",
+              "created": "<iso date>"},
+     "layers": {"<layer index>": {"<expert index>": {"gate": "w4a16_g128_asym",
+                                                      "up": "w4a16_g128_asym",
+                                                      "down": "w8a8_g-1_sym"}, ...}, ...},
+     "summary": {"wbits": avg weight bits, "abits": avg activation bits, "L": total loss,
+                 "T_us": predicted time, "layers": {"<layer>": {"L":.., "T_us":.., "wbits":..}},
+                 "uniform": {"<scheme>": {"L":.., "T_us":.., "wbits":.., "abits":..} | null}}}
+
+Layer and expert keys are the indices of trace.json / loss.json (expert ``E`` = the shared expert);
+scheme names are `QScheme` names; gate and up always carry the same scheme. ``summary`` and ``meta``
+are informational: readers need only ``layers``.
+
+The original MxMoE's schema (its bits_solver output) is written by `to_original` and read by
+`from_original`: ``{"<layer>": {"experts": {"<e>": {"gate": {"w_bits", "w_gsize", "w_sym",
+"w_clip", "a_bits", "a_gsize", "a_sym", "a_clip"}, "up": ..., "down": ...}}}, "LT": {"<layer>":
+[L, T]}}`` (a_gsize and a_sym copy the weight's; clips are [1.0, 1.0]). FP8 schemes have no
+representation there and are refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mxmoe_jax.alloc.problem import BLOCKS
+from mxmoe_jax.quant.scheme import QScheme
+
+FORMAT = "mxmoe-jax/qconfig/1"
+
+
+def make_qconfig(layers: dict, *, meta: dict, summary: dict) -> dict:
+    return {"format": FORMAT, "meta": meta, "layers": layers, "summary": summary}
+
+
+def validate_qconfig(q: dict, where: str = "qconfig") -> dict:
+    """Check the schema; returns ``q``. Raises ValueError naming the first problem."""
+    if q.get("format") != FORMAT:
+        raise ValueError(f"{where}: format {q.get('format')!r}, expected {FORMAT!r}")
+    layers = q.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"{where}: 'layers' must be a non-empty object")
+    for layer, experts in layers.items():
+        for e, blocks in experts.items():
+            if set(blocks) != set(BLOCKS):
+                raise ValueError(f"{where}: layer {layer} expert {e} needs exactly {BLOCKS}")
+            for b in BLOCKS:
+                QScheme.parse(blocks[b])
+            if QScheme.parse(blocks["gate"]) != QScheme.parse(blocks["up"]):
+                raise ValueError(f"{where}: layer {layer} expert {e}: gate and up differ")
+    return q
+
+
+def load_qconfig(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: qconfig not found")
+    try:
+        q = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    return validate_qconfig(q, str(path))
+
+
+def _scheme_to_original(name: str) -> dict:
+    s = QScheme.parse(name)
+    if s.fp8:
+        raise ValueError(f"{name}: the original schema has no FP8 format; cannot export")
+    return {"w_bits": s.w_bits, "w_gsize": s.group_size, "w_sym": s.sym, "w_clip": [1.0, 1.0],
+            "a_bits": s.a_bits, "a_gsize": s.group_size, "a_sym": s.sym, "a_clip": [1.0, 1.0]}
+
+
+def _scheme_from_original(d: dict, where: str) -> str:
+    try:
+        w, a, g, sym = int(d["w_bits"]), int(d["a_bits"]), int(d["w_gsize"]), bool(d["w_sym"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{where}: expected w_bits, a_bits, w_gsize, w_sym ({err})") from None
+    if w >= 16:
+        return "w16a16"
+    try:
+        return QScheme(w_bits=w, a_bits=a, group_size=g, sym=sym).name
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def to_original(q: dict) -> dict:
+    """Our qconfig in the original MxMoE bits_solver schema."""
+    out = {}
+    for layer, experts in q["layers"].items():
+        out[layer] = {"experts": {e: {b: _scheme_to_original(blocks[b]) for b in BLOCKS}
+                                  for e, blocks in experts.items()}}
+    per_layer = q.get("summary", {}).get("layers", {})
+    out["LT"] = {layer: [v["L"], v["T_us"]] for layer, v in per_layer.items()}
+    return out
+
+
+def from_original(orig: dict, *, source: str = "original") -> dict:
+    """An original MxMoE qconfig as ours (meta records the source; no summary)."""
+    layers = {}
+    for layer, body in orig.items():
+        if layer == "LT":
+            continue
+        if not isinstance(body, dict) or "experts" not in body:
+            raise ValueError(f"{source}: layer {layer!r} has no 'experts'")
+        layers[str(layer)] = {
+            str(e): {b: _scheme_from_original(blocks[b], f"{source} layer {layer} expert {e} {b}")
+                     for b in BLOCKS}
+            for e, blocks in body["experts"].items()}
+    q = make_qconfig(layers, meta={"imported_from": source, "schema": "MxMoE bits_solver"},
+                     summary={})
+    # the original does not force gate == up in its expert-granularity files: say so clearly
+    return validate_qconfig(q, source)
