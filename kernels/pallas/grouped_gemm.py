@@ -24,9 +24,12 @@ atomics.
 Weight layouts (built by ``mxmoe_jax.quant.packing.pack``; its docstring is the byte-level spec):
 
 * bf16 / f16: ``[E, K, N]`` as is.
-* weight-only w8/w4/w3/w2 (``a_bits = 16``): unsigned codes ``u = code + bias`` in ``[E, Kp/v, N]``
-  uint8; sub-byte codes packed along K in 128-row chunks so that bits ``[j*s, (j+1)*s)`` of byte
-  row ``r`` hold K row ``j * 128/v + r`` of the chunk. A chunk step loads one byte tile and
+* weight-only w8/w4/w3/w2 (``a_bits = 16``): unsigned codes ``u = code + bias``, K-major
+  ``[E, N, Kp/v]`` uint8 (K-major so that Triton feeds the dot's B operand with ``ldmatrix``, 4
+  consecutive K codes per register: with N-major codes it loaded one byte per shared-memory
+  instruction, 64 per thread per step, which is what held weight-only decode at ~1 TB/s); sub-byte
+  codes packed along K in 128-wide chunks so that bits ``[j*s, (j+1)*s)`` of byte ``r`` hold K
+  index ``j * 128/v + r`` of the chunk. A chunk step loads one byte tile and
   unpacks it with a shift and a mask into ``v`` K-slices, each multiplied with its own slice of x
   loaded through the ref (loaded values are never sliced or interleaved). The dot runs on the
   integer codes converted to bf16 (exact), and scale and offset are applied to the f32 partial
@@ -275,12 +278,12 @@ def _gmm_wonly_kernel(
                               other=0.0).astype(jnp.float32)
 
         def load_packed(i):
-            """Packed codes of step ``i`` of this split."""
+            """Packed codes ``[bn, sub]`` (K-major) of step ``i`` of this split."""
             step = s * steps + i
-            rows_p = step * sub + jnp.arange(sub)  # packed byte rows of this step
-            ok = rows_p < w_ref.shape[1]
-            return plgpu.load(w_ref.at[el, pl.ds(step * sub, sub), pl.ds(n0, bn)],
-                              mask=ok[:, None] & cols_ok[None, :], other=0)
+            kcols = step * sub + jnp.arange(sub)  # packed bytes along K of this step
+            ok = kcols < w_ref.shape[2]
+            return plgpu.load(w_ref.at[el, pl.ds(n0, bn), pl.ds(step * sub, sub)],
+                              mask=cols_ok[:, None] & ok[None, :], other=0)
 
         def body(i, carry):
             acc, rs = carry
@@ -303,7 +306,7 @@ def _gmm_wonly_kernel(
                     u = _unpack_bf16(p, jj, bits, interpret)
                 else:
                     u = (p if v == 1 else (p >> (jj * bits)) & ((1 << bits) - 1)).astype(xa.dtype)
-                part = part + _dot(xa, u)
+                part = part + _dot(xa, u, trans_b=True)  # u: [bn, sub], K-major
                 xsum = xsum + jnp.sum(xa.astype(jnp.float32), axis=1)
             if grouped:
                 # clamp: a split's steps past K (x and codes masked to 0) read the last group
@@ -419,9 +422,10 @@ def _dequant_kernel(
     sub = packing.CHUNK // v
     n0 = j * bn
     cols_ok = (n0 + jnp.arange(bn)) < n
-    rows_p = c * sub + jnp.arange(sub)
-    p = plgpu.load(w_ref.at[ex, pl.ds(c * sub, sub), pl.ds(n0, bn)],
-                   mask=(rows_p < w_ref.shape[1])[:, None] & cols_ok[None, :], other=0)
+    kcols = c * sub + jnp.arange(sub)
+    p = plgpu.load(w_ref.at[ex, pl.ds(n0, bn), pl.ds(c * sub, sub)],
+                   mask=cols_ok[:, None] & (kcols < w_ref.shape[2])[None, :], other=0)
+    p = p.T  # [sub, bn]
     g = jnp.int32(0) if scheme.group_size == -1 else (c * packing.CHUNK) // scheme.group_size
     g = jnp.minimum(g, scale_ref.shape[1] - 1)
     sc = plgpu.load(scale_ref.at[ex, g, pl.ds(n0, bn)], mask=cols_ok, other=0.0)
@@ -441,7 +445,7 @@ def _dequant_kernel(
 @functools.partial(jax.jit, static_argnames=("scheme", "k", "n", "dtype", "interpret"))
 def dequantize_weights(qweight, scale, offset, *, scheme: QScheme, k: int, n: int, dtype,
                        interpret: bool = False):
-    """Weight-only packed codes ``[E, Kp/v, N]`` -> ``[E, K, N]`` in ``dtype`` (one Pallas pass).
+    """Weight-only packed codes ``[E, N, Kp/v]`` -> ``[E, K, N]`` in ``dtype`` (one Pallas pass).
 
     For large token counts ``gmm`` dequantizes once and runs the bf16 kernel: the fused kernel
     pays the unpack per m-tile and cannot pipeline register-produced operands (NOTES.md).
@@ -499,7 +503,7 @@ def _launch(kernel, args, *, out_m, n, cfg, n_tiles, n_blocks, out_dtype, interp
 def _gmm_wonly(x, w, scale, offset, group_sizes, *, scheme, cfg, interpret):
     m, k = x.shape
     e = group_sizes.shape[0]
-    n = w.shape[-1]
+    n = w.shape[-1] if scale is None else w.shape[1]  # bf16 [E, K, N]; codes [E, N, Kp/v]
     step_k = _step_k(scheme, cfg)
     kp = packing.padded_k(scheme, k) if scheme.w_bits != 16 else k
     total_steps = -(-kp // step_k)

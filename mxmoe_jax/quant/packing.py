@@ -4,12 +4,13 @@ The layouts are chosen for what the kernels in ``kernels/pallas/grouped_gemm.py`
 module's docstring documents them once, with the reasons); this file is their pure-jnp twin.
 Summary:
 
-* Weight-only schemes (``a_bits == 16``; w8/w4/w3/w2): ``[..., K, N]`` (N contiguous, the dot's
-  right operand), codes stored unsigned, ``u = code + bias`` with ``bias = 2^(w_bits-1)`` for sym
-  and 0 for asym. 8-bit codes are one byte each. Sub-byte codes (w4 and w3 in a nibble, w2 in two
-  bits) are packed along K inside *chunks* of 128 rows: byte row ``c * 128 / v + r`` of chunk ``c``
-  holds K rows ``c * 128 + j * (128 / v) + r`` in bits ``[j * s, (j + 1) * s)`` for
-  ``j < v = 8 / s``. So one loaded byte tile unpacks, by shifts and masks alone, into ``v``
+* Weight-only schemes (``a_bits == 16``; w8/w4/w3/w2): K-major ``[..., N, Kp / v]`` (K contiguous:
+  the dot's B operand then reaches registers by ``ldmatrix``, 4 consecutive K codes per 32-bit
+  register, instead of one byte per shared-memory load), codes stored unsigned, ``u = code + bias``
+  with ``bias = 2^(w_bits-1)`` for sym and 0 for asym. 8-bit codes are one byte each. Sub-byte codes
+  (w4 and w3 in a nibble, w2 in two bits) are packed along K inside *chunks* of 128: byte ``c * 128
+  / v + r`` of chunk ``c`` holds K index ``c * 128 + j * (128 / v) + r`` in bits ``[j * s, (j + 1) *
+  s)`` for ``j < v = 8 / s``. So one loaded byte tile unpacks, by shifts and masks alone, into ``v``
   contiguous K slices that the kernel multiplies with ``v`` separately loaded slices of x (no
   interleaving and no slicing of loaded values). K is padded with zero codes to a multiple of 128.
 * Weight-activation integer schemes (w8a8, w4a8, w4a4): K-major ``[..., N, K]`` (Triton's int8 dot
@@ -62,7 +63,7 @@ def k_major(scheme: QScheme) -> bool:
 class PackedWeight:
     """Quantized weights in the kernels' storage layout (see the module docstring).
 
-    Invariants: ``qweight`` is uint8 ``[..., Kp / v, N]`` (weight-only), int8 ``[..., N, Kp / v]``
+    Invariants: ``qweight`` is uint8 ``[..., N, Kp / v]`` (weight-only), int8 ``[..., N, Kp / v]``
     (integer weight-activation) or float8_e4m3fn ``[..., N, K]`` (fp8), with ``Kp`` = ``k``
     rounded up to a multiple of 128 for sub-byte codes (else ``Kp = k``); ``scale`` (and
     ``offset`` for asym) are float16 ``[..., G, N]`` with ``G = k // group_size`` or 1.
@@ -145,11 +146,11 @@ def pack(qw) -> PackedWeight:
     if scheme.fp8:
         qweight = jnp.swapaxes(codes.astype(jnp.float8_e4m3fn), -1, -2)
     elif scheme.weight_only:
-        u = codes.astype(jnp.int32) + code_bias(scheme)
+        u = jnp.swapaxes(codes.astype(jnp.int32) + code_bias(scheme), -1, -2)  # [..., N, K]
         if bits == 8:
             qweight = u.astype(jnp.uint8)
         else:
-            qweight = _pack_chunks(_pad_k(u, kp, -2), bits, axis=-2)
+            qweight = _pack_chunks(_pad_k(u, kp, -1), bits, axis=-1)
     else:
         c = jnp.swapaxes(codes.astype(jnp.int32), -1, -2)  # [..., N, K]
         if bits == 8:
@@ -168,8 +169,8 @@ def unpack_codes(packed: PackedWeight) -> jax.Array:
     if s.fp8:
         return jnp.swapaxes(packed.qweight, -1, -2)
     if s.weight_only:
-        u = packed.qweight if bits == 8 else _unpack_chunks(packed.qweight, bits, axis=-2)
-        u = u[..., : packed.k, :].astype(jnp.int32)
+        u = packed.qweight if bits == 8 else _unpack_chunks(packed.qweight, bits, axis=-1)
+        u = jnp.swapaxes(u[..., : packed.k].astype(jnp.int32), -1, -2)
         return (u - code_bias(s)).astype(codes_dtype(s))
     q = packed.qweight
     if bits == 8:

@@ -57,22 +57,22 @@ def _one_hot(name, k, n, row, col, code):
 
 
 def test_layout_w4a16_bit_positions():
-    """K row 128 + 64 + 5 (chunk 1, second half) lands in the high nibble of byte row 64 + 5."""
+    """K index 128 + 64 + 5 (chunk 1, second half) lands in the high nibble of byte 64 + 5."""
     p = packing.pack(_one_hot("w4a16_g-1_asym", 256, 8, 128 + 64 + 5, 3, 11))
     q = np.asarray(p.qweight)
-    assert q.shape == (1, 128, 8) and q.dtype == np.uint8
-    assert q[0, 64 + 5, 3] == 11 << 4
+    assert q.shape == (1, 8, 128) and q.dtype == np.uint8  # [E, N, K/2], K-major
+    assert q[0, 3, 64 + 5] == 11 << 4
     assert np.count_nonzero(q) == 1
 
 
 def test_layout_w2a16_bit_positions():
-    """2-bit: K row 96 + 7 is slice j=3 of chunk 0, bits 6..7 of byte row 7; sym bias 2."""
+    """2-bit: K index 96 + 7 is slice j=3 of chunk 0, bits 6..7 of byte 7; sym bias 2."""
     p = packing.pack(_one_hot("w2a16_g-1_sym", 128, 4, 96 + 7, 1, 1))
     q = np.asarray(p.qweight)
-    assert q.shape == (1, 32, 4)
+    assert q.shape == (1, 4, 32)
     # every code is stored as u = code + 2; the one-hot code 1 -> 3 at bits 6..7, zeros -> 2
-    expect = np.full((32, 4), 0b10101010, np.uint8)
-    expect[7, 1] = 0b11101010
+    expect = np.full((4, 32), 0b10101010, np.uint8)
+    expect[1, 7] = 0b11101010
     np.testing.assert_array_equal(q[0], expect)
 
 
