@@ -68,7 +68,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from jax.experimental.pallas import triton as plgpu
 
-from . import act_quant, tuning  # noqa: E402
+from . import _triton_fp8, act_quant, tuning  # noqa: E402, F401  (_triton_fp8: see its docstring)
 from .tile_config import TileConfig  # noqa: E402
 
 
