@@ -40,8 +40,8 @@ Weight layouts (built by ``mxmoe_jax.quant.packing.pack``; its docstring is the 
   bf16 128.0 (exactly ``128 + u``), and the 128 joins the bias.
   w3 codes are stored in nibbles (same speed as w4; the 3-bit storage saving is not realised).
 * w8a8 / w4a8 / w4a4 int: codes K-major ``[E, N, Kp/v]`` (int8 MMA wants both operands
-  K-major); nibbles are offset-binary ``u = code + 8``, unpacked by one AND (and a shift) per 4
-  bytes in inline PTX, and the int32 partial is corrected by ``- 8 * rowsum(x_codes)``.
+  K-major); nibbles are offset-binary ``u = code + 8``, unpacked to signed int8 by five 32-bit
+  operations per 4 bytes in inline PTX (``_unpack_nibble_i8``).
   Activations are quantized per token (and per K-group for g128) by ``act_quant``; the int32
   partial is scaled by ``x_scale[m] * w_scale[n]`` per K-group (once at the end for g-1).
 * fp8 e4m3: ``[E, N, K]`` float8 codes, per-channel weight and per-token activation scales.
@@ -210,13 +210,23 @@ def _unpack_bf16(p, j: int, bits: int, interpret: bool):
 
 
 def _unpack_nibble_i8(p, j: int, interpret: bool):
-    """int8 nibble ``j`` (0..15, offset-binary code) of each byte of int8 ``p``."""
+    """Signed int8 code ``u - 8`` of offset-binary nibble ``j`` of each byte of int8 ``p``.
+
+    Compiled: per 4 bytes one AND (plus a shift for the high nibble), then a byte-wise sign
+    extension without per-byte arithmetic: ``s = ~u & 0x08`` marks codes below 8, ``s * 0x1E``
+    spreads that bit to 0xF0 (no carry between bytes), and ``(u ^ 0x08) | s`` is ``u - 8`` in two's
+    complement. So no ``- 8 * rowsum(x)`` correction (which cost an int8 -> int32 convert per
+    activation element) is needed.
+    """
     if interpret:
-        return ((p.astype(jnp.int32) >> (4 * j)) & 0xF).astype(jnp.int8)
-    body = "and.b32 $0, $1, 0x0f0f0f0f;" if j == 0 else \
-        "{\n.reg .b32 t;\nshr.b32 t, $1, 4;\nand.b32 $0, t, 0x0f0f0f0f;\n}"
+        return (((p.astype(jnp.int32) >> (4 * j)) & 0xF) - 8).astype(jnp.int8)
+    shr = "shr.b32 t, $1, 4;\nand.b32 t, t, 0x0f0f0f0f;\n" if j else "and.b32 t, $1, 0x0f0f0f0f;\n"
+    asm = ("{\n.reg .b32 t, s;\n" + shr +
+           "lop3.b32 s, t, 0x08080808, 0, 0x0c;\n"  # ~t & 0x08080808
+           "mul.lo.u32 s, s, 0x1e;\n"  # 0x08 -> 0xf0 per byte
+           "lop3.b32 $0, t, 0x08080808, s, 0xbe;\n}")  # (t ^ 0x08080808) | s
     return plgpu.elementwise_inline_asm(
-        body, args=[p], constraints="=r,r", pack=4,
+        asm, args=[p], constraints="=r,r", pack=4,
         result_shape_dtypes=[jax.ShapeDtypeStruct(p.shape, jnp.int8)])[0]
 
 
@@ -373,7 +383,6 @@ def _gmm_wa_kernel(
             k0 = step * step_k
             p = load_packed(i)
             part = jnp.zeros((bm, bn), part_dtype)
-            xsum = jnp.zeros((bm,), jnp.int32)
             for jj in range(v):
                 ks = k0 + jj * sub + jnp.arange(sub)
                 xa = plgpu.load(xq_ref.at[pl.ds(r0, bm), pl.ds(k0 + jj * sub, sub)],
@@ -385,11 +394,8 @@ def _gmm_wa_kernel(
                 elif v == 1:
                     wq = p
                 else:
-                    wq = _unpack_nibble_i8(p, jj, interpret)  # u = code + 8
-                    xsum = xsum + jnp.sum(xa.astype(jnp.int32), axis=1)
+                    wq = _unpack_nibble_i8(p, jj, interpret)  # signed codes from u = code + 8
                 part = part + _dot(xa, wq, trans_b=True)
-            if v == 2:
-                part = part - 8 * xsum[:, None]  # x @ (u - 8) = x @ u - 8 rowsum(x)
             if grouped:
                 g = jnp.minimum(k0 // scheme.group_size, ws_ref.shape[1] - 1)
                 xsc = plgpu.load(xs_ref.at[pl.ds(r0, bm), g], mask=rows_ok, other=0.0)

@@ -156,8 +156,7 @@ def pack(qw) -> PackedWeight:
         if bits == 8:
             qweight = c.astype(jnp.int8)
         else:
-            # offset-binary nibbles u = code + 8: unpacking is one AND (and a shift) per 4 bytes;
-            # the kernel subtracts 8 * rowsum(x) from the int32 partial
+            # offset-binary nibbles u = code + 8 (zero padding u = 0 meets x = 0 in the kernel)
             qweight = _pack_chunks(_pad_k(c + 8, kp, -1), bits, axis=-1).view(jnp.int8)
     return PackedWeight(qweight=qweight, scale=scale, offset=offset, scheme=scheme, k=k, n=n)
 
