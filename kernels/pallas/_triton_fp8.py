@@ -38,7 +38,8 @@ def install() -> bool:
     def rule(ctx, a, b, **params):
         out = orig(ctx, a, b, **params)
         if all(av.dtype in _FP8 for av in ctx.avals_in):
-            op = out.owner
+            op = getattr(out, "owner", None)
+            op = getattr(op, "operation", op)  # OpView -> Operation
             if getattr(op, "name", "") == "tt.dot":
                 op.attributes["maxNumImpreciseAcc"] = ir.IntegerAttr.get(
                     ir.IntegerType.get_signless(32), IMPRECISE_ACC)
