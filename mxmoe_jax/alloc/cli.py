@@ -29,9 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a scheme per block group (default) or per expert")
     p.add_argument("--schemes", nargs="+", metavar="S",
                    help="candidate schemes (default: every scheme in loss.json)")
-    p.add_argument("--grid", type=int, default=3, help="display points on the frontier (def. 3)")
+    p.add_argument("--hull", type=int, default=6,
+                   help="frontier points per layer to find for the plot (default 6)")
+    p.add_argument("--grid", type=int, default=0,
+                   help="extra ε-constraint probes per layer at evenly spaced τ (default 0)")
     p.add_argument("--exact", action="store_true",
-                   help="zero gaps, no time limits: provably optimal, slow on big layers")
+                   help="no time limit per MILP (default 20 s; every MILP has zero gap)")
     p.add_argument("--solver", choices=("highs", "cbc"), default="highs")
     p.add_argument("--out", required=True, help="qconfig.json to write")
     p.add_argument("--export-original", metavar="PATH",
@@ -70,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
 
     inputs = load_inputs(args.trace, args.loss, args.perf, batch=args.batch, schemes=args.schemes)
     kw = dict(wbits=args.wbits, abits=args.abits, r=args.r, mode=args.mode,
-              granularity=args.granularity, grid=args.grid, solver=args.solver)
+              granularity=args.granularity, hull=args.hull, grid=args.grid, solver=args.solver)
     cfg = SolveConfig.exact(**kw) if args.exact else SolveConfig(**kw)
     result = solve_allocation(inputs, cfg, meta=dict(trace=args.trace, loss=args.loss))
     write_json_atomic(out, result.qconfig)

@@ -8,26 +8,34 @@ time ``c[u, s]`` (µs), storage bits ``w[u, s]`` (bits per weight x elements) an
     L = Σ Δ x        T = t0 + Σ c x        Σ w x <= W · Σ size        (Σ a x <= A · Σ size)
 
 MxMoE (paper §4.2) minimises ``L^r · T^(1-r)``, i.e. ``f = r log L + (1 - r) log T``, which is not
-linear. Every minimiser of ``f`` is Pareto-optimal in (L, T), so we search the Pareto frontier with
-the ε-constraint program ``P(τ) = min L s.t. T <= τ`` (linear; PuLP + HiGHS or CBC):
+linear (the original needs Gurobi's log constraints). Two facts make it linear here:
 
-1. endpoints: the L-optimum (min L) and the T-optimum (min T, then min L at that T);
-2. a display grid of ``grid`` τ values evenly between them (the frontier shown to the user), solved
-   to a small relative gap ``grid_gap`` with warm starts: pictures, not proofs;
-3. for 0 < r < 1, an exact search. Every point left of the L-optimum has ``L >= Lb`` (Lb = the
-   largest L proven so far) and can beat the incumbent ``f*`` only if
-   ``T < t* = exp((f* - r log Lb) / (1 - r))``. So probe ``P(τ)`` at ``τ = min(hi, t*) - res``: its
-   solution C dominates everything with ``T_C <= T <= τ`` and proves ``L >= L_C`` below ``T_C``;
-   continue with ``hi = T_C, Lb = L_C`` until ``τ`` drops below the T-optimum. Each probe is solved
-   exactly (zero gap), so the result is the exact minimiser of ``f`` up to the T resolution ``res``
-   (1e-6 of the largest unit time, above the solvers' row tolerance), which the tests check against
-   brute force. It typically takes a handful of probes.
+* every minimiser of ``f`` is Pareto-optimal in (L, T), and the Pareto frontier is what the
+  ε-constraint program ``P(τ) = min L s.t. T <= τ`` traces;
+* ``f`` is concave in (L, T) (a sum of logs) and increasing in both, so over the finite set of
+  assignments its minimum sits at a vertex of the lower-left convex hull of the (L, T) points: a
+  *supported* Pareto point, which minimises ``L + λT`` for some λ > 0. A point minimising ``L + λT``
+  also solves ``P(τ)`` at its own ``τ = T``, so the hull vertices are exact ε-constraint points.
+
+The search (all MILPs through PuLP, HiGHS in process or CBC):
+
+1. endpoints: the L-optimum (min L) and the fastest point (min T, ties broken by L; an exact
+   min-T solve only where a bound says a faster point could matter, and always for r = 0);
+2. the hull, dichotomically (Aneja-Nair): for a segment a-b, solve ``min L + λT`` with λ its slope;
+   a solution strictly below the segment is a new vertex and splits it, otherwise a-b is a hull
+   edge. A segment whose corner bound ``r log L_b + (1 - r) log T_a`` cannot beat the best vertex
+   is skipped (once ``hull`` vertices are found for the picture). Weighted sums are single-knapsack
+   MILPs and solve fast; with zero gaps the result is the exact minimiser of ``f``, which the tests
+   check against brute force for r = 0, 1 and in between;
+3. optionally ``grid`` ε-constraint probes at evenly spaced τ (to ``grid_gap``), which also show
+   the frontier's non-supported points between hull vertices.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import heapq
 import math
 import os
 import sys
@@ -96,7 +104,7 @@ class Point:
     wbits: float
     abits: float
     choice: np.ndarray  # [u] scheme index
-    kind: str  # "l_opt", "t_opt", "grid", "tangent" or "search"
+    kind: str  # "l_opt", "t_opt", "hull" (a weighted-sum solve) or "grid" (ε-constraint)
     tau: float | None  # the T cap it was solved under (None for the endpoints' own solves)
 
     def f(self, r: float) -> float:
@@ -107,7 +115,8 @@ class Point:
 class Solution:
     chosen: Point  # minimiser of r log L + (1 - r) log T among the points found
     points: list[Point]  # every distinct point found, sorted by T
-    grid: list[Point]  # the display grid, endpoints included, by increasing τ
+    grid: list[Point]  # the ε-constraint display grid, endpoints included, by increasing τ
+    hull: list[Point]  # vertices of the frontier's lower convex hull found, by increasing T
     r: float
     solves: int  # MILPs solved
     seconds: float
@@ -269,10 +278,11 @@ class _Model:
         self.wcon.changeRHS(self.wbudget)
         return choice, ev
 
-    def solve_weighted(self, w_l: float, w_t: float, *, start: np.ndarray | None = None):
+    def solve_weighted(self, w_l: float, w_t: float, *, start: np.ndarray | None = None,
+                       gap: float = 0.0):
         """Min ``w_l L + w_t T`` (normalised units), no caps."""
         self.prob.setObjective(w_l * self.l_expr + w_t * self.t_expr)
-        return self.solve(None, start=start)
+        return self.solve(None, start=start, gap=gap)
 
     def _choice(self) -> np.ndarray | None:
         n_units = self.units.loss.shape[0]
@@ -310,22 +320,22 @@ def min_wbits_under_abits(units: Units, abudget: float, solver: str = "highs") -
 
 
 def solve_tradeoff(units: Units, *, wbudget: float, abudget: float | None = None, r: float = 1.0,
-                   grid: int = 4, grid_gap: float = 1e-4, solver: str = "highs",
-                   rel_res: float = 1e-9, f_tol: float = 0.0, tangent_steps: int = 4,
-                   max_solves: int = 200, time_limit: float | None = None,
-                   t_gap: float = 0.0) -> Solution:
+                   hull: int = 6, grid: int = 0, grid_gap: float = 1e-2, solver: str = "highs",
+                   f_tol: float = 0.0, t_gap: float = 0.0, max_solves: int = 200,
+                   time_limit: float | None = None) -> Solution:
     """Minimise ``r log L + (1 - r) log T`` under the bit budgets (see the module docstring).
 
-    ``t_gap``: relative gap of the min-T solve (many schemes tie in time, so proving the fastest
-    assignment optimal can be slow; its T only bounds where the search stops).
-    ``time_limit``: seconds per MILP (None = none); a MILP stopped by it makes ``exact`` False.
-    ``f_tol``: stop the exact search once nothing can beat the incumbent by more than this in
-    ``f`` (0 = exact; 1e-4 = within 0.01% of the optimal ``L^r T^(1-r)``).
+    ``hull``: supported frontier points to find beyond the endpoints even where the product
+    search does not need them (the picture). ``grid``: ε-constraint display probes, solved to
+    ``grid_gap``. ``f_tol``: the search may stop once nothing can beat the incumbent by more than
+    this in ``f`` (0 = exact). ``t_gap``: relative gap of the min-T endpoint. ``time_limit``:
+    seconds per MILP (None = none); a MILP stopped by it, or running out of ``max_solves`` with
+    unexplored hull segments, makes ``exact`` False.
     """
     if not 0.0 <= r <= 1.0:
         raise ValueError(f"r: must be in [0, 1], got {r}")
-    if grid < 0:
-        raise ValueError(f"grid: must be >= 0, got {grid}")
+    if grid < 0 or hull < 0:
+        raise ValueError(f"grid, hull: must be >= 0, got {grid}, {hull}")
     start = _time.perf_counter()
     check_budget(units, wbudget, abudget)
     model = _Model(units, wbudget, abudget, solver, time_limit)
@@ -338,10 +348,6 @@ def solve_tradeoff(units: Units, *, wbudget: float, abudget: float | None = None
         found.append(p)
         return p
 
-    def incumbent(tau):  # the best known point that is feasible under T <= tau (a warm start)
-        ok = [p for p in found if p.T <= tau]
-        return min(ok, key=lambda p: p.L).choice if ok else None
-
     first = model.solve("L")
     if first is None:
         if abudget is None:  # check_budget passed, so the MILP is feasible
@@ -350,75 +356,82 @@ def solve_tradeoff(units: Units, *, wbudget: float, abudget: float | None = None
         raise BudgetError(f"--wbits {wbudget:g} with --abits {abudget:g} is infeasible: with this "
                           f"activation budget the smallest feasible budget is --wbits "
                           f"{ceil_bits(need)}", min_wbits=need)
-    # 1. endpoints. The L-optimum: ties in L are left to the solver (T does not count at r = 1).
-    # The T-optimum is lexicographic (min L among the fastest), a cheap solve under a tight cap.
+    # 1. endpoints: min L, and the fastest point by min T + 1e-3 L (normalised). The tie-break
+    # matters: many schemes run equally fast, and proving a pure min-T optimal can take HiGHS
+    # minutes. Neither endpoint is lexicographic: a point with the same L and a smaller T lies
+    # strictly below the first hull segment, so the hull search finds it.
     l_opt = record(first, "l_opt", None)
-    t_first = model.solve("T", gap=t_gap)
-    second = model.solve("L", tau=t_first[1]["T"] * (1 + 1e-12), start=t_first[0])
-    if second is None or second[1]["T"] > t_first[1]["T"] * (1 + 1e-12):
-        second = t_first  # the cap row is only as tight as the solver's tolerance
-    t_opt = record(second, "t_opt", None)
-    t_lo, t_hi = t_opt.T, l_opt.T
-    # T resolution: above the solvers' row tolerance (1e-7, normalised), so a probe at
-    # tau - res never returns the previous point again
-    res = max(rel_res * (t_hi - t_lo), 1e-6 * model.t_scale)
-    # 2. display grid, ascending τ, each warm-started from the last (gap grid_gap: for the plot)
-    shown = [t_opt]
-    if t_hi - t_lo > res:
-        for i in range(1, grid + 1):
-            tau = t_lo + (t_hi - t_lo) * i / (grid + 1)
-            out = model.solve("L", tau=tau, gap=grid_gap, start=incumbent(tau))
-            # a probe that fails (time limit without a solution) repeats the last point, which
-            # is feasible for any larger τ: every grid has grid + 2 entries
-            shown.append(shown[-1] if out is None else record(out, "grid", tau))
-    else:
-        shown += [t_opt] * grid
-    shown.append(l_opt)
+    t_opt = record(model.solve_weighted(1e-3, 1.0, start=None, gap=t_gap), "t_opt", None)
+    # Below t_opt only points with T >= T_lb (every unit at its fastest scheme) and L >= L(t_opt)
+    # can exist; if even that corner cannot beat the others, min T needs no proof. Otherwise (and
+    # always for r = 0) solve min T exactly.
+    t_lb = units.t0 + float(np.where(units.available, units.time, np.inf).min(axis=1).sum())
+    if r == 0.0 or (r < 1.0 and objective(t_opt.L, t_lb, r)
+                    < min(p.f(r) for p in found) - f_tol):
+        exact_t = model.solve("T", gap=t_gap, start=t_opt.choice)
+        if exact_t is not None and exact_t[1]["T"] < t_opt.T:
+            t_opt = record(exact_t, "t_opt", None)
+    # 2. the lower convex hull of the frontier by dichotomic weighted sums; f is concave, so its
+    # minimiser is a hull vertex. Segments whose corner bound cannot beat f* are skipped once
+    # the picture has `hull` points.
     exact = True
-    if 0.0 < r < 1.0 and t_hi - t_lo > res:
-        # 2b. tangent steps: f is concave in (L, T), so the minimiser of its linearisation at the
-        # incumbent, r L / L* + (1 - r) T / T*, is never worse; a few of these give the search
-        # below a near-optimal incumbent (and so a tight t*) before its first probe
-        for _ in range(tangent_steps):
-            inc = min(found, key=lambda p: p.f(r))
-            w_l = r / max(inc.L, _TINY) * model.l_scale
-            w_t = (1 - r) / max(inc.T, _TINY) * model.t_scale
-            out = model.solve_weighted(w_l, w_t, start=inc.choice)
-            if out is None:
-                break
-            c = record(out, "tangent", None)
-            if c.f(r) >= inc.f(r) - 1e-15:
-                break
-    # 3. exact search for the product objective: walk the frontier from the L-optimum towards
-    # smaller T, jumping straight to the largest T that could still beat the incumbent f*.
-    if 0.0 < r < 1.0 and t_hi - t_lo > res:
-        best = min(p.f(r) for p in found)
-        hi, lb = t_hi, l_opt.L  # unexplored: t_lo < T < hi, and there L >= lb
-        while True:
-            t_star = math.exp((best - f_tol - r * math.log(max(lb, _TINY))) / (1 - r))
-            tau = min(hi, t_star) - res
-            if tau <= t_lo:
-                break
-            if model.solves >= max_solves:
-                exact = False
-                break
-            out = model.solve("L", tau=tau, start=incumbent(tau))
-            if out is None:
-                break
-            c = record(out, "search", tau)
+    product = 0.0 < r < 1.0
+    best = min(p.f(r) for p in found)
+    vertices = [t_opt, l_opt]
+    heap: list = []
+    seq = 0
+
+    def push(a: Point, b: Point):
+        nonlocal seq
+        if b.T - a.T <= 1e-9 * max(b.T, 1.0) or a.L - b.L <= 1e-12 * max(a.L, 1e-300):
+            return
+        heapq.heappush(heap, (objective(b.L, a.T, r) if product else 0.0, seq, a, b))
+        seq += 1
+
+    push(t_opt, l_opt)
+    while heap:
+        bound, _, a, b = heapq.heappop(heap)
+        needed = product and bound < best - f_tol
+        if not needed and len(vertices) >= hull + 2:
+            continue
+        if model.solves >= max_solves:
+            exact = exact and not needed
+            continue
+        lam = (a.L - b.L) / (b.T - a.T)  # the slope of segment a-b: min L + lam T
+        scale = model.l_scale + lam * model.t_scale
+        out = model.solve_weighted(model.l_scale / scale, lam * model.t_scale / scale,
+                                   start=(a if a.L + lam * a.T <= b.L + lam * b.T else b).choice)
+        if out is None:
+            continue
+        c = record(out, "hull", None)
+        line = a.L + lam * a.T
+        if c.L + lam * c.T < line - 1e-9 * max(abs(line), 1e-300):  # strictly below: a vertex
+            vertices.append(c)
             best = min(best, c.f(r))
-            # T in (T_c, tau] is dominated by c; below T_c every point has L >= L_c
-            hi, lb = min(c.T, tau), c.L
+            push(a, c)
+            push(c, b)
+    # 3. optional ε-constraint probes on an even τ grid: the non-supported frontier, for show
+    t_lo, t_hi = t_opt.T, l_opt.T
+    shown = [t_opt]
+    for i in range(1, grid + 1):
+        tau = t_lo + (t_hi - t_lo) * i / (grid + 1)
+        ok = [p for p in found if p.T <= tau]
+        warm = min(ok, key=lambda p: p.L).choice if ok else None
+        out = model.solve("L", tau=tau, gap=grid_gap, start=warm) if t_hi > t_lo else None
+        shown.append(shown[-1] if out is None else record(out, "grid", tau))
+    shown.append(l_opt)
     if r == 1.0:
-        chosen = l_opt
+        chosen = min(found, key=lambda p: (p.L, p.T))
     elif r == 0.0:
-        chosen = t_opt
+        chosen = min(found, key=lambda p: (p.T, p.L))
     else:
         chosen = min(found, key=lambda p: (p.f(r), p.T))
     distinct = {}
     for p in found:
         distinct.setdefault((round(p.L, 12), round(p.T, 9)), p)
     return Solution(chosen=chosen, points=sorted(distinct.values(), key=lambda p: p.T),
-                    grid=shown, r=r, solves=model.solves,
-                    seconds=_time.perf_counter() - start, exact=exact and model.proven,
+                    grid=shown, hull=sorted(vertices, key=lambda p: p.T), r=r,
+                    solves=model.solves,
+                    seconds=_time.perf_counter() - start,
+                    exact=exact and model.proven and (t_gap == 0 or r == 1.0),
                     log=model.log)

@@ -77,11 +77,10 @@ def plot_frontier(result: AllocResult, path: str | Path) -> Path:
     q = result.qconfig
     fig, ax = plt.subplots(figsize=(7, 5))
     curve = model_curve(result)
-    if curve is not None:
-        order = np.argsort(curve[:, 1])
-        ax.plot(curve[order, 1], curve[order, 0], "o-", color="tab:blue", ms=4,
-                label="Pareto frontier (ε-constraint grid)")
-    if len(result.solutions) == 1:  # model mode: every point found
+    order = np.argsort(curve[:, 1])
+    ax.plot(curve[order, 1], curve[order, 0], "o-", color="tab:blue", ms=4,
+            label="Pareto frontier (supported points, model total)")
+    if len(result.solutions) == 1:  # model mode: every point found, ε-constraint probes too
         sol = next(iter(result.solutions.values()))
         ax.plot([p.T for p in sol.points], [p.L for p in sol.points], ".", color="tab:blue",
                 alpha=0.5, label="frontier points found")

@@ -29,12 +29,13 @@ class SolveConfig:
     r: float = 0.75  # weight of log L against log T (1 = accuracy only, 0 = speed only)
     mode: str = "layer"  # "layer": a budget per layer; "model": one budget for the model
     granularity: str = "linear"  # "linear": per block group; "expert": one scheme per expert
-    grid: int = 3  # display points on the frontier between the two endpoints
-    grid_gap: float = 1e-2  # relative MILP gap of the display points (pictures, not proofs)
-    f_tol: float = 1e-3  # the product search stops within this of the optimal log objective
-    t_gap: float = 1e-3  # relative gap of the min-T endpoint
-    time_limit: float | None = 2.0  # seconds per MILP (None: unlimited, fully exact)
-    max_solves: int = 24  # MILPs per product search
+    hull: int = 6  # convex-hull frontier points to find per MILP for the picture
+    grid: int = 0  # ε-constraint display probes at evenly spaced τ (slower MILPs)
+    grid_gap: float = 1e-2  # relative MILP gap of those probes (pictures, not proofs)
+    f_tol: float = 0.0  # the product search may stop within this of the optimal log objective
+    t_gap: float = 0.0  # relative gap of the min-T endpoint
+    time_limit: float | None = 20.0  # seconds per MILP (None: unlimited)
+    max_solves: int = 60  # MILPs per layer (or model)
     solver: str = "highs"  # "highs" (in process) or "cbc" (bundled with pulp[cbc])
 
     def __post_init__(self):
@@ -55,7 +56,7 @@ class SolveConfig:
     @classmethod
     def exact(cls, **kw) -> SolveConfig:
         """Zero gaps and no time limit: slow on big layers, exact everywhere."""
-        return cls(grid_gap=0.0, f_tol=0.0, t_gap=0.0, time_limit=None, max_solves=10_000, **kw)
+        return cls(grid_gap=0.0, f_tol=0.0, t_gap=0.0, time_limit=None, max_solves=100_000, **kw)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -104,7 +105,7 @@ def solve_allocation(inputs: AllocInputs, cfg: SolveConfig, *, progress: bool = 
     units = {key: make_units(lds, gran) for key, lds in groups.items()}
     if cfg.mode == "layer":
         check_layer_budgets(units, cfg)
-    kw = dict(wbudget=cfg.wbits, abudget=cfg.abits, r=cfg.r, grid=cfg.grid,
+    kw = dict(wbudget=cfg.wbits, abudget=cfg.abits, r=cfg.r, hull=cfg.hull, grid=cfg.grid,
               grid_gap=cfg.grid_gap, solver=cfg.solver, f_tol=cfg.f_tol, t_gap=cfg.t_gap,
               time_limit=cfg.time_limit, max_solves=cfg.max_solves)
     solutions: dict[str, Solution] = {}
@@ -165,10 +166,23 @@ def frontier_rows(result: AllocResult, r: float) -> list[dict]:
     return rows
 
 
-def model_curve(result: AllocResult) -> np.ndarray | None:
-    """[points, 2] (L, T) of the model along the display grid (summing layer i-th grid points)."""
-    grids = [sol.grid for sol in result.solutions.values()]
-    if len({len(g) for g in grids}) != 1:
-        return None
-    return np.array([[sum(g[i].L for g in grids), sum(g[i].T for g in grids)]
-                     for i in range(len(grids[0]))])
+def model_curve(result: AllocResult, n: int = 60) -> np.ndarray:
+    """[points, 2] (L, T) of the whole model's supported frontier, from the points found.
+
+    Layers are independent, so the model's minimiser of ``L + λT`` is every layer's own: sweep λ
+    over the slopes seen and sum, per layer, the found point minimising ``L + λT``.
+    """
+    sols = list(result.solutions.values())
+    slopes = []
+    for sol in sols:
+        h = sol.hull
+        slopes += [(a.L - b.L) / (b.T - a.T) for a, b in zip(h, h[1:], strict=False)
+                   if b.T > a.T and a.L > b.L]
+    if not slopes:
+        slopes = [1.0]
+    lams = np.geomspace(min(slopes) / 10, max(slopes) * 10, n)
+    out = []
+    for lam in lams:
+        picks = [min(sol.points, key=lambda p, lam=lam: p.L + lam * p.T) for sol in sols]
+        out.append((sum(p.L for p in picks), sum(p.T for p in picks)))
+    return np.unique(np.array(out), axis=0)

@@ -47,7 +47,7 @@ def test_endpoints_and_product_optimum_match_brute_force(seed):
     w = budget_for(units, 0.45)
     feasible = brute(units, w)
     for r in (1.0, 0.0, 0.25, 0.5, 0.75):
-        sol = solve_tradeoff(units, wbudget=w, r=r, grid=3)
+        sol = solve_tradeoff(units, wbudget=w, r=r, hull=0)
         got = sol.chosen
         assert got.wbits <= w + 1e-12
         if r == 1.0:
@@ -63,19 +63,24 @@ def test_endpoints_and_product_optimum_match_brute_force(seed):
 def test_cbc_agrees_with_highs(seed):
     units = toy(seed)
     w = budget_for(units, 0.6)
-    a = solve_tradeoff(units, wbudget=w, r=0.6, grid=2, solver="highs").chosen
-    b = solve_tradeoff(units, wbudget=w, r=0.6, grid=2, solver="cbc").chosen
+    a = solve_tradeoff(units, wbudget=w, r=0.6, solver="highs").chosen
+    b = solve_tradeoff(units, wbudget=w, r=0.6, solver="cbc").chosen
     assert a.f(0.6) == pytest.approx(b.f(0.6), abs=1e-9)
 
 
-def test_frontier_points_are_not_dominated_by_any_assignment():
-    units = toy(3)
+@pytest.mark.parametrize("seed", range(4))
+def test_frontier_points_solve_the_epsilon_constraint_program(seed):
+    """Grid and hull points are min L under T <= τ (τ = the grid's, or the point's own T)."""
+    units = toy(seed)
     w = budget_for(units, 0.5)
     feasible = brute(units, w)
-    sol = solve_tradeoff(units, wbudget=w, r=0.5, grid=6)
-    for p in sol.grid:  # min L under T <= τ: nothing feasible has T <= τ and a lower L
+    sol = solve_tradeoff(units, wbudget=w, r=0.5, grid=4, grid_gap=0.0, hull=10)
+    assert len(sol.grid) == 6 and len(sol.hull) >= 2
+    for p in sol.grid + sol.hull:
         tau = p.T if p.tau is None else p.tau
-        assert all(L >= p.L - 1e-9 for L, T in feasible if T <= tau * (1 - 1e-9))
+        assert p.T <= tau * (1 + 1e-9)
+        assert min(L for L, T in feasible if T <= tau * (1 + 1e-12)) == pytest.approx(p.L,
+                                                                                     rel=1e-9)
 
 
 def test_infeasible_budget_names_the_smallest_feasible_one():

@@ -1,0 +1,147 @@
+"""`solve` end to end on small synthetic trace/loss files (analytic perf table)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from mxmoe_jax.alloc.check_uniform import check_against_uniform, perf_for_trace
+from mxmoe_jax.alloc.milp import BudgetError
+from mxmoe_jax.alloc.problem import build_inputs
+from mxmoe_jax.alloc.qconfig import from_original, to_original, validate_qconfig
+from mxmoe_jax.alloc.solve import SolveConfig, solve_allocation
+from mxmoe_jax.alloc.synthetic import synthetic_loss, synthetic_trace
+from mxmoe_jax.cli import main as cli
+from mxmoe_jax.perf.model import PerfModel
+from mxmoe_jax.quant.scheme import QScheme
+
+SCHEMES = ["w16a16", "w8a8_g-1_sym", "w4a4_g-1_sym", "w4a16_g128_asym", "w4a16_g-1_asym",
+           "w2a16_g128_asym"]
+HIDDEN, INTER, RATIO = 256, 128, 2.0
+
+
+@pytest.fixture(scope="module")
+def files():
+    trace = synthetic_trace(num_layers=2, num_experts=6, top_k=2, moe_inter=INTER, hidden=HIDDEN,
+                            shared_ratio=RATIO, num_tokens=512, seed=3)
+    loss = synthetic_loss(trace, SCHEMES, seed=3)
+    perf = perf_for_trace(trace, SCHEMES)
+    return trace, loss, perf
+
+
+def inputs_of(files, **kw):
+    trace, loss, perf = files
+    return build_inputs(trace, loss, perf, batch=kw.pop("batch", 256), **kw)
+
+
+def block_bits(q: dict) -> dict[str, tuple[float, float]]:
+    """Per layer: (Σ bits, Σ weights), from the schemes alone (independent of the solver)."""
+    out = {}
+    for layer, experts in q["layers"].items():
+        bits = size = 0.0
+        for e, blocks in experts.items():
+            inter = INTER * (RATIO if int(e) == len(experts) - 1 else 1)
+            for b, (k, n) in {"gate": (HIDDEN, inter), "up": (HIDDEN, inter),
+                              "down": (inter, HIDDEN)}.items():
+                bits += QScheme.parse(blocks[b]).bits_per_weight(int(k)) * k * n
+                size += k * n
+        out[layer] = (bits, size)
+    return out
+
+
+@pytest.mark.parametrize("r", [1.0, 0.5])
+def test_layer_budget_holds_exactly_and_gate_equals_up(files, r):
+    res = solve_allocation(inputs_of(files), SolveConfig(wbits=4.5, r=r, hull=0), progress=False)
+    q = validate_qconfig(res.qconfig)
+    for bits, size in block_bits(q).values():
+        assert bits / size <= 4.5 + 1e-12
+    for experts in q["layers"].values():
+        assert len(experts) == 7  # 6 routed + the shared expert
+        assert all(b["gate"] == b["up"] for b in experts.values())
+    assert q["summary"]["wbits"] == pytest.approx(
+        sum(b for b, _ in block_bits(q).values()) / sum(s for _, s in block_bits(q).values()))
+
+
+def test_model_mode_budget_and_expert_granularity(files):
+    res = solve_allocation(inputs_of(files), SolveConfig(wbits=4.2, r=0.75, mode="model",
+                                                         granularity="expert", hull=0),
+                           progress=False)
+    per_layer = block_bits(res.qconfig)
+    assert sum(b for b, _ in per_layer.values()) / sum(s for _, s in per_layer.values()) \
+        <= 4.2 + 1e-12
+    for experts in res.qconfig["layers"].values():
+        assert all(b["gate"] == b["up"] == b["down"] for b in experts.values())
+
+
+def test_solver_loss_is_at_most_every_uniform_loss_at_equal_bits(files):
+    trace, loss, _ = files
+    rows = check_against_uniform(inputs_of(files))
+    assert {r["scheme"] for r in rows} == set(SCHEMES)
+    for row in rows:
+        # the uniform loss, summed straight from loss.json
+        uni = sum(sum(v) for per_layer in loss["losses"][row["scheme"]].values()
+                  for v in per_layer.values())
+        assert row["uniform_L"] == pytest.approx(uni)
+        assert row["solver_L"] <= uni * (1 + 1e-9) + 1e-12
+        assert row["solver_wbits"] <= row["wbits"] + 1e-8
+
+
+def test_infeasible_budget_names_the_smallest_feasible_one(files):
+    with pytest.raises(BudgetError, match=r"smallest feasible budget is --wbits 2\.25"):
+        solve_allocation(inputs_of(files), SolveConfig(wbits=2.0, r=1.0), progress=False)
+    res = solve_allocation(inputs_of(files), SolveConfig(wbits=2.25, r=1.0, hull=0),
+                           progress=False)
+    assert res.totals["wbits"] <= 2.25 + 1e-12
+
+
+def test_missing_schemes_and_entries_are_named(files):
+    trace, loss, perf = files
+    with pytest.raises(ValueError, match=r"no losses for scheme\(s\) w3a16_g128_asym"):
+        build_inputs(trace, loss, perf, batch=64, schemes=["w4a16_g128_asym", "w3a16_g128_asym"])
+    holed = copy.deepcopy(loss)
+    del holed["losses"]["w4a4_g-1_sym"]["1"]["6"]
+    with pytest.raises(ValueError, match="missing entries: w4a4_g-1_sym layer 1 expert 6"):
+        build_inputs(trace, holed, perf, batch=64)
+    table = copy.deepcopy(perf.table)
+    table["points"] = [p for p in table["points"] if p["scheme"] != "w8a8_g-1_sym"]
+    with pytest.raises(ValueError, match=r"has no entry for w8a8_g-1_sym n=256 k=128"):
+        build_inputs(trace, loss, PerfModel(table), batch=64)
+
+
+def test_original_schema_round_trip(files):
+    res = solve_allocation(inputs_of(files), SolveConfig(wbits=5.0, r=0.75, hull=0),
+                           progress=False)
+    orig = to_original(res.qconfig)
+    assert set(orig["LT"]) == set(res.qconfig["layers"])
+    blk = orig["0"]["experts"]["0"]["down"]
+    assert set(blk) == {"w_bits", "w_gsize", "w_sym", "w_clip", "a_bits", "a_gsize", "a_sym",
+                        "a_clip"}
+    assert from_original(json.loads(json.dumps(orig)))["layers"] == res.qconfig["layers"]
+
+
+def test_cli_writes_everything_and_reports_bad_input(files, tmp_path, capsys):
+    trace, loss, perf = files
+    paths = {}
+    for name, obj in (("trace", trace), ("loss", loss), ("perf", perf.table)):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(obj))
+    out = tmp_path / "q.json"
+    args = ["solve", "--trace", str(paths["trace"]), "--loss", str(paths["loss"]), "--perf",
+            str(paths["perf"]), "--batch", "128", "--out", str(out), "--hull", "3"]
+    assert cli(args + ["--wbits", "4.25", "--r", "0.75",
+                       "--export-original", str(tmp_path / "orig.json")]) == 0
+    text = capsys.readouterr().out
+    assert "mixed (solver)" in text and "analytic perf table, H200" in text
+    for suffix in (".pareto.csv", ".frontier.png", ".heatmap.png"):
+        assert (tmp_path / f"q{suffix}").stat().st_size > 0
+    head = (tmp_path / "q.pareto.csv").read_text().splitlines()[0]
+    assert head == "layer,kind,tau_us,L,T_us,wbits,abits,objective,chosen"
+    assert cli(["solve", "--import-original", str(tmp_path / "orig.json"), "--out",
+                str(tmp_path / "back.json")]) == 0
+    back = json.loads((tmp_path / "back.json").read_text())
+    assert back["layers"] == json.loads(out.read_text())["layers"]
+    capsys.readouterr()
+    assert cli(args + ["--wbits", "1.5", "--force"]) == 2
+    assert "smallest feasible budget is --wbits 2.25" in capsys.readouterr().err
