@@ -253,14 +253,17 @@ def _to_json_losses(sq: np.ndarray, supported: list[list[bool]]) -> dict[str, li
 
 
 def _layer_out_norm(cfg, p, xn_flat, h_flat, schemes, quantize, chunk, method, bar):
-    """Δ² ``[S, E(+1), 3]`` (f64) and the layer output ``[N, D]`` for one MoE layer."""
+    """Δ² ``[S, E(+1), 3]`` (f64) and the layer output ``[N, D]`` for one MoE layer.
+
+    ``h_flat`` (the residual stream after attention) is overwritten with the layer output.
+    """
     hess = None
     if method == "gptq":
         routed_h, shared_h = _hessians(cfg, p, xn_flat, chunk, bar)
         hess = (routed_h, shared_h)
     routed_q, shared_q = _quantize_layer(p, schemes, quantize, hess)
     total = None
-    out = np.empty_like(h_flat)
+    out = h_flat  # becomes the layer output in place: one host copy fewer
     for sl in walk.iter_batches(xn_flat.shape[0], chunk):
         xc, mask = _pad_rows(xn_flat[sl], chunk)
         xc = jnp.asarray(xc)
@@ -269,7 +272,7 @@ def _layer_out_norm(cfg, p, xn_flat, h_flat, schemes, quantize, chunk, method, b
         sq = np.asarray(sq, np.float64)
         total = sq if total is None else total + sq
         n = sl.stop - sl.start
-        out[sl] = h_flat[sl] + np.asarray(moe[:n], np.float32)
+        out[sl] += np.asarray(moe[:n], np.float32)
         if bar is not None:
             bar.update(1)
     return total, out
@@ -374,15 +377,17 @@ def calibrate(model, windows: np.ndarray, config: CalibConfig, *, meta: dict,
             continue
         start = time.perf_counter()
         h, xn = _attention(layer, hidden, per)
+        if config.metric == "layer_out_norm":
+            hidden = None  # not needed again: frees one [S, T, D] copy while the layer runs
         p = walk.moe_params(layer)
-        d = hidden.shape[-1]
+        d = h.shape[-1]
         n_chunks = -(-xn.shape[0] * t // chunk)
         if config.metric == "layer_out_norm":
             passes = n_chunks * (2 if config.method == "gptq" else 1)
             bar = _progress(passes, f"layer {i}/{cfg.num_layers - 1}", progress)
             sq, out = _layer_out_norm(cfg, p, xn.reshape(-1, d), h.reshape(-1, d), schemes,
                                       quantize, chunk, config.method, bar)
-            hidden = out.reshape(hidden.shape)
+            hidden = out.reshape(h.shape)
         else:
             n_exp = cfg.num_experts + (1 if p.shared is not None else 0)
             bar = _progress(len(schemes) * n_exp * 3, f"layer {i}/{cfg.num_layers - 1}",
