@@ -370,6 +370,7 @@ def calibrate(model, windows: np.ndarray, config: CalibConfig, *, meta: dict,
         final_ref = np.concatenate([walk.to_host(walk.final_hidden(model, jnp.asarray(x[sl])))
                                     for sl in walk.iter_batches(s_windows, per)])
     last = max(wanted)
+    times: list[float] = []
     for i in range(last + 1):
         layer = model.layers[i]
         if i not in wanted or i in done:
@@ -404,7 +405,11 @@ def calibrate(model, windows: np.ndarray, config: CalibConfig, *, meta: dict,
             write_json_atomic({"format": FORMAT, "meta": meta, "losses": losses,
                                "done_layers": done}, partial)
         if progress:
-            print(f"layer {i}: {time.perf_counter() - start:.1f} s")
+            took = time.perf_counter() - start
+            times.append(took)
+            left = sum(1 for j in wanted if j not in done)
+            print(f"layer {i}: {took:.1f} s; {left} layer(s) left, about "
+                  f"{left * sum(times) / len(times):.0f} s")
     ordered = {s.name: {str(i): losses[s.name][str(i)] for i in wanted} for s in schemes}
     return {"format": FORMAT, "meta": meta, "losses": ordered}
 
