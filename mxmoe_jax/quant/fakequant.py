@@ -103,14 +103,14 @@ def fake_quantize_params(cfg, flat: Mapping[str, np.ndarray], plan: QuantPlan,
     plan); the others are RTN-quantized. Arrays keep their dtypes (bf16 params get the
     dequantized values rounded to bf16).
     """
-    out = {k: np.asarray(v) for k, v in flat.items()}
+    out = dict(flat)
+    copied: set[str] = set()  # stacked expert arrays are copied once, then written in place
     quantized = quantized or {}
-    # group the stacked routed experts so each (key, scheme) is quantized in one call
     for (layer, expert, block), scheme in plan.items:
         key, idx = _block_keys(cfg, layer, expert)[block]
         if key not in out:
             raise ValueError(f"plan: {key} is not a parameter of this model")
-        w = out[key] if idx is None else out[key][idx]
+        w = np.asarray(out[key] if idx is None else out[key][idx])
         qw = quantized.get((layer, expert, block))
         if qw is not None:
             if qw.scheme != scheme:
@@ -122,12 +122,13 @@ def fake_quantize_params(cfg, flat: Mapping[str, np.ndarray], plan: QuantPlan,
         if deq.shape != w.shape:
             raise ValueError(f"{key}[{idx}]: quantized shape {deq.shape} != {w.shape}")
         if idx is None:
-            out[key] = deq.astype(out[key].dtype)
+            out[key] = deq.astype(w.dtype)
         else:
-            arr = out[key].copy()
-            arr[idx] = deq.astype(arr.dtype)
-            out[key] = arr
-    return out
+            if key not in copied:
+                out[key] = np.array(out[key])
+                copied.add(key)
+            out[key][idx] = deq.astype(w.dtype)
+    return {k: np.asarray(v) for k, v in out.items()}
 
 
 # -- activations ---------------------------------------------------------------------------------

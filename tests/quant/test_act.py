@@ -16,7 +16,7 @@ from mxmoe_jax.quant.act import (
 from mxmoe_jax.quant.scheme import QScheme
 
 INT_SCHEMES = ["w8a8_g-1_sym", "w4a4_g-1_sym", "w4a4_g32_sym", "w4a8_g-1_sym"]
-SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
+SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
 
 
 def _acts(seed, m, k, magnitude):

@@ -13,6 +13,7 @@ from mxmoe_jax.quant.gptq import (
     hessian_update,
     hessian_update_padded,
 )
+from mxmoe_jax.quant.packing import pack, unpack
 from mxmoe_jax.quant.qtensor import dequantize
 from mxmoe_jax.quant.rtn import fake_quant_weight
 from mxmoe_jax.quant.scheme import QScheme
@@ -100,9 +101,17 @@ def test_matches_numpy_float64(name, order):
     h = (x.astype(np.float64).T @ x) / len(x)
     act = order == "act_order"
     cfg = GPTQConfig(block_size=32, act_order=act, static_groups=act)
-    got = np.asarray(dequantize(gptq_quantize(w, h.astype(np.float32), scheme, cfg)))
+    qw = gptq_quantize(w, h.astype(np.float32), scheme, cfg)
+    got = np.asarray(dequantize(qw))
     want = reference_gptq(w, h, scheme, act_order=act, static_groups=act)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    scale = np.asarray(qw.scale)
+    np.testing.assert_array_equal(scale, scale.astype(np.float16).astype(np.float32))
+    # GPTQ's output is a QuantizedWeight like RTN's: the kernels' packed layout holds it exactly
+    back = unpack(pack(qw))
+    np.testing.assert_array_equal(np.asarray(back.codes).astype(np.float32),
+                                  np.asarray(qw.codes).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(dequantize(back)), got)
 
 
 def test_static_groups_and_block_sizes_agree_with_reference():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -38,7 +39,7 @@ def _setup():
         idx, weight = route(block.router_logits(x_td), cfg)
         return x_td, dispatch(x_td, idx, cfg.num_experts)
 
-    return cfg, block, routed_inputs(BOOKS_CALIB, 8), routed_inputs(BOOKS_EVAL, 4)
+    return cfg, block, routed_inputs(BOOKS_CALIB, 8), routed_inputs(BOOKS_EVAL, 2)
 
 
 def _hidden(block, x_sorted, gs):
@@ -63,7 +64,18 @@ def test_gptq_layer_error_below_rtn_for_every_scheme():
     h_hid = hessian_finalize(hessian_update(hessian_init(e, hid.shape[1]), hid, gs))
     assert int(np.sum(np.asarray(gs) > 0)) == e  # every expert saw calibration tokens
     w = {b: getattr(block.experts, b)[...] for b in ("gate", "up", "down")}
-    ref = block.routed(x_eval)  # [T, D] f32, FP
+
+    @functools.partial(jax.jit, static_argnames="scheme")
+    def routed(x, gate, up, down, scheme=None):
+        def act(v, _gs, _b):
+            if scheme.group_size != -1 and v.shape[1] % scheme.group_size:
+                return v  # the block this group size cannot split stays unquantized
+            return fake_quant_activations(v, scheme)
+
+        return block.routed(x, gate=gate, up=up, down=down,
+                            act_quant=None if scheme is None or scheme.weight_only else act)
+
+    ref = routed(x_eval, w["gate"], w["up"], w["down"])  # [T, D] f32, FP
 
     for name in SCHEMES:
         scheme = QScheme.parse(name)
@@ -77,14 +89,8 @@ def test_gptq_layer_error_below_rtn_for_every_scheme():
                     q[b] = fake_quant_weight(wb, scheme)
                 else:
                     q[b] = dequantize(gptq_quantize(wb, h_hid if b == "down" else h_in, scheme))
-
-            def act(x, _gs, _b, s=scheme):
-                if s.group_size != -1 and x.shape[1] % s.group_size:
-                    return x  # the block this group size cannot split stays unquantized
-                return fake_quant_activations(x, s)
-
-            out = block.routed(x_eval, gate=q["gate"], up=q["up"], down=q["down"],
-                               act_quant=None if scheme.weight_only else act)
+            out = routed(x_eval, q["gate"], q["up"], q["down"],
+                         scheme=None if scheme.weight_only else scheme)
             errs[method] = float(jnp.linalg.norm(out - ref))
         # held-out tokens: GPTQ's advantage must generalise, not just fit the calibration set
         assert errs["gptq"] < errs["rtn"], (name, errs)

@@ -63,7 +63,18 @@ def test_rotation_preserves_tiny_model_logits():
     cfg_r, flat_r, rot = rotate_params(cfg, flat, seed=0)
     assert set(rot.down) == {192, 768}  # routed experts and the shared expert
     assert np.abs(_logits(cfg_r, flat_r, ids, rot) - ref).max() <= 1e-4
+
+
+def test_rotate_model():
+    from mxmoe_jax.models import forward, from_flat_params
+
+    d = FIXTURES / "hf" / "qwen2_moe_sparse_step"  # tied embeddings: the head gets untied
+    cfg, flat = load_hf_flat(d)
+    ids = jnp.asarray(np.load(d / "inputs.npz")["input_ids"])
+    model = from_flat_params(cfg, flat)
     rotated = rotate_model(model, seed=0)
+    assert cfg.tie_word_embeddings and not rotated.cfg.tie_word_embeddings
+    ref = np.asarray(forward(model, ids))
     assert np.abs(np.asarray(forward(rotated, ids)) - ref).max() <= 1e-4
 
 

@@ -17,7 +17,7 @@ INT_SCHEMES = [
 ] + ["w8a8_g-1_sym", "w4a4_g-1_sym", "w4a4_g32_sym", "w4a8_g-1_sym"]
 ALL_SCHEMES = INT_SCHEMES + ["w8a8_g-1_fp8"]
 
-SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
+SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
 
 
 def _weights(seed: int, shape, magnitude: float, dist: str) -> np.ndarray:
