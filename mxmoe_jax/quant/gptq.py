@@ -202,6 +202,9 @@ def _gptq_one(w: jax.Array, h: jax.Array, bounds: jax.Array, *, layout: tuple[bo
         i1 = b * block
         w1 = lax.dynamic_slice(w_all, (i1, 0), (block, n))  # [B, N] current weights
         u1 = lax.dynamic_slice(u, (i1, i1), (block, block))  # [B, B]
+        if not on_the_fly and n_groups > 1:  # this block's rows' fixed parameters, gathered once
+            g_blk = lax.dynamic_slice(gidx, (i1,), (block,))
+            s_blk, o_blk = s_fixed[g_blk], o_fixed[g_blk]  # [B, N]
 
         def group_body(g, c):
             w1, q1, e1, s_all, o_all = c
@@ -219,8 +222,10 @@ def _gptq_one(w: jax.Array, h: jax.Array, bounds: jax.Array, *, layout: tuple[bo
                 i = r0 + r
                 if on_the_fly:
                     s, o = s_g, o_g
-                else:
-                    s, o = s_fixed[gidx[i1 + i]], o_fixed[gidx[i1 + i]]
+                elif n_groups == 1:  # per channel: no per-row gather
+                    s, o = s_fixed[0], o_fixed[0]
+                else:  # static groups (act-order permutes rows across groups)
+                    s, o = s_blk[i], o_blk[i]
                 row = w1[i]
                 q = encode(row, s, None if sym else o, scheme)
                 err = (row - decode(q, s, None if sym else o)) / u1[i, i]

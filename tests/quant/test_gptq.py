@@ -192,6 +192,13 @@ def test_dead_inputs_and_errors():
     rtn = np.asarray(fake_quant_weight(w, "w4a16_g-1_asym"))
     np.testing.assert_allclose(deq[5], rtn[5], rtol=0, atol=1e-6)
     assert np.abs(deq[5]).max() > 0
+    # all-zero and constant weight columns stay finite; zero columns stay zero
+    wz = w.copy()
+    wz[:, 0] = 0
+    wz[:, 1] = 0.375
+    dz = np.asarray(dequantize(gptq_quantize(wz, h, "w4a16_g-1_asym")))
+    assert np.all(np.isfinite(dz))
+    np.testing.assert_array_equal(dz[:, 0], 0)
     with pytest.raises(ValueError, match="static_groups"):
         gptq_quantize(w, h, "w4a16_g16_asym", GPTQConfig(act_order=True))
     with pytest.raises(ValueError, match="h: expected"):
