@@ -65,15 +65,18 @@ def main(args: argparse.Namespace) -> int:
 
 
 def summary_table(result: dict) -> str:
-    """Mean Δ per scheme and block over all layers and experts (routed and shared)."""
+    """Mean Δ per scheme and block over all layers and experts (routed and shared); blocks a
+    scheme cannot quantize (group size does not divide K: null in loss.json) are counted apart."""
     import numpy as np
 
-    lines = [f"{'scheme':<18} {'gate':>10} {'up':>10} {'down':>10}   (mean Δ over experts)"]
+    lines = [f"{'scheme':<18} {'gate':>10} {'up':>10} {'down':>10} {'null':>6}"
+             "   (mean Δ over experts and layers)"]
     for name, layers in result["losses"].items():
         vals = np.array([[np.nan if v is None else v for v in blocks]
                          for experts in layers.values() for blocks in experts.values()], float)
         means = [np.nanmean(vals[:, b]) if np.isfinite(vals[:, b]).any() else np.nan
                  for b in range(3)]
         lines.append(f"{name:<18} " + " ".join(
-            f"{m:>10.4g}" if np.isfinite(m) else f"{'n/a':>10}" for m in means))
+            f"{m:>10.4g}" if np.isfinite(m) else f"{'n/a':>10}" for m in means)
+            + f" {int(np.isnan(vals).sum()):>6}")
     return "\n".join(lines)
