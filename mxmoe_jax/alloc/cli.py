@@ -29,13 +29,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a scheme per block group (default) or per expert")
     p.add_argument("--schemes", nargs="+", metavar="S",
                    help="candidate schemes (default: every scheme in loss.json)")
-    p.add_argument("--hull", type=int, default=6,
-                   help="frontier points per layer to find for the plot (default 6)")
+    p.add_argument("--hull", type=int, default=4,
+                   help="frontier points per layer to find for the plot (default 4)")
     p.add_argument("--grid", type=int, default=0,
                    help="extra ε-constraint probes per layer at evenly spaced τ (default 0)")
     p.add_argument("--exact", action="store_true",
                    help="no time limit per MILP (default 20 s; every MILP has zero gap)")
     p.add_argument("--solver", choices=("highs", "cbc"), default="highs")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="processes solving layers in parallel (default 1)")
     p.add_argument("--out", required=True, help="qconfig.json to write")
     p.add_argument("--export-original", metavar="PATH",
                    help="also write the assignment in the original MxMoE schema")
@@ -73,7 +75,8 @@ def main(args: argparse.Namespace) -> int:
 
     inputs = load_inputs(args.trace, args.loss, args.perf, batch=args.batch, schemes=args.schemes)
     kw = dict(wbits=args.wbits, abits=args.abits, r=args.r, mode=args.mode,
-              granularity=args.granularity, hull=args.hull, grid=args.grid, solver=args.solver)
+              granularity=args.granularity, hull=args.hull, grid=args.grid, solver=args.solver,
+              jobs=args.jobs)
     cfg = SolveConfig.exact(**kw) if args.exact else SolveConfig(**kw)
     result = solve_allocation(inputs, cfg, meta=dict(trace=args.trace, loss=args.loss))
     write_json_atomic(out, result.qconfig)

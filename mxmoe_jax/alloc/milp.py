@@ -17,18 +17,24 @@ linear (the original needs Gurobi's log constraints). Two facts make it linear h
   *supported* Pareto point, which minimises ``L + λT`` for some λ > 0. A point minimising ``L + λT``
   also solves ``P(τ)`` at its own ``τ = T``, so the hull vertices are exact ε-constraint points.
 
-The search (all MILPs through PuLP, HiGHS in process or CBC):
+The search (all MILPs through PuLP; HiGHS in process, or CBC):
 
-1. endpoints: the L-optimum (min L) and the fastest point (min T, ties broken by L; an exact
-   min-T solve only where a bound says a faster point could matter, and always for r = 0);
-2. the hull, dichotomically (Aneja-Nair): for a segment a-b, solve ``min L + λT`` with λ its slope;
-   a solution strictly below the segment is a new vertex and splits it, otherwise a-b is a hull
-   edge. A segment whose corner bound ``r log L_b + (1 - r) log T_a`` cannot beat the best vertex
-   is skipped (once ``hull`` vertices are found for the picture). Weighted sums are single-knapsack
-   MILPs and solve fast; with zero gaps the result is the exact minimiser of ``f``, which the tests
-   check against brute force for r = 0, 1 and in between;
-3. optionally ``grid`` ε-constraint probes at evenly spaced τ (to ``grid_gap``), which also show
-   the frontier's non-supported points between hull vertices.
+1. the L-optimum (min L);
+2. a walk left along the hull by weighted sums ``min L + λT``, λ starting at the tangent of f at
+   the L-optimum and growing 4x per step, until a bound proves nothing further left can win:
+   every vertex left of the current one has ``L >= L_left`` and ``T >= T_lb`` (the LP relaxation's
+   min T). If the walk cannot prove it within ``walk`` steps (and always for r = 0), the exact
+   min-T MILP fixes the left end. Weighted sums are easy MILPs; a pure min-T is not (many schemes
+   run about equally fast), which is why it is the fallback, not the start;
+3. dichotomic refinement (Aneja-Nair) between the vertices found: for a segment a-b, solve
+   ``min L + λT`` with λ its slope; a solution strictly below a-b is a new vertex and splits it.
+   A segment whose corner bound ``r log L_b + (1 - r) log T_a`` cannot beat the best vertex is
+   skipped (once ``hull`` vertices are found for the picture);
+4. optionally ``grid`` ε-constraint probes ``P(τ)`` at evenly spaced τ (to ``grid_gap``), which
+   also show the frontier's non-supported points between hull vertices.
+
+With zero gaps (the default) the result is the exact minimiser of ``f``; the tests check it
+against brute force for r = 0, 1 and in between, on random and on realistic instances.
 """
 
 from __future__ import annotations
@@ -173,9 +179,10 @@ def make_solver(name: str = "highs", *, gap: float = 0.0, warm: bool = False, th
                 time_limit: float | None = None):
     """A PuLP solver; ``gap`` = relative optimality gap (0 = exact, as the tests demand)."""
     if name == "highs":
+        # No warm start: with PuLP 4.2 + highspy 1.16, a warm-started MILP came back "Optimal"
+        # at the start point itself (checked: min T returned the min-L point's T).
         return pulp.HiGHS(msg=False, gapRel=gap, gapAbs=1e-12 if gap == 0 else None,
-                          threads=threads, warmStart=warm, timeLimit=time_limit,
-                          output_flag=False)
+                          threads=threads, timeLimit=time_limit, output_flag=False)
     if name == "cbc":
         # CBC preprocessing mis-reports feasible probes as infeasible at tight τ, and its warm
         # start (an .mst file) made feasible probes come back infeasible: both off
@@ -236,7 +243,7 @@ class _Model:
         ``start``: a feasible assignment to warm-start from; ``gap``: relative optimality gap.
         """
         u = self.units
-        warm = start is not None
+        warm = False  # see make_solver: warm starts are off; `start` is accepted and ignored
         key = (gap, warm)
         if key not in self._solvers:
             self._solvers[key] = make_solver(self.solver_name, gap=gap, warm=warm,
@@ -277,6 +284,19 @@ class _Model:
             raise RuntimeError("solver kept returning assignments over the bit budget")
         self.wcon.changeRHS(self.wbudget)
         return choice, ev
+
+    def lp_min_t(self) -> float:
+        """A lower bound on T: min T of the LP relaxation (budgets kept, x continuous)."""
+        self.prob.setObjective(self.t_expr)
+        self.tcon.changeRHS(self.big)
+        self.lcon.changeRHS(self.big)
+        with _quiet_stdout():
+            stats = self.prob.solve(pulp.HiGHS(msg=False, mip=False, output_flag=False))
+        self.log.append(("T (LP)", None, 0.0, stats.status_str))
+        if stats.status != pulp.constants.LpSolveStatus.Optimal:
+            return self.units.t0 + float(np.where(self.units.available, self.units.time,
+                                                  np.inf).min(axis=1).sum())
+        return self.units.t0 + float(pulp.value(self.t_expr)) * self.t_scale - 1e-9
 
     def solve_weighted(self, w_l: float, w_t: float, *, start: np.ndarray | None = None,
                        gap: float = 0.0):
@@ -320,7 +340,8 @@ def min_wbits_under_abits(units: Units, abudget: float, solver: str = "highs") -
 
 
 def solve_tradeoff(units: Units, *, wbudget: float, abudget: float | None = None, r: float = 1.0,
-                   hull: int = 6, grid: int = 0, grid_gap: float = 1e-2, solver: str = "highs",
+                   hull: int = 6, walk: int = 8, grid: int = 0, grid_gap: float = 1e-2,
+                   solver: str = "highs",
                    f_tol: float = 0.0, t_gap: float = 0.0, max_solves: int = 200,
                    time_limit: float | None = None) -> Solution:
     """Minimise ``r log L + (1 - r) log T`` under the bit budgets (see the module docstring).
@@ -356,28 +377,13 @@ def solve_tradeoff(units: Units, *, wbudget: float, abudget: float | None = None
         raise BudgetError(f"--wbits {wbudget:g} with --abits {abudget:g} is infeasible: with this "
                           f"activation budget the smallest feasible budget is --wbits "
                           f"{ceil_bits(need)}", min_wbits=need)
-    # 1. endpoints: min L, and the fastest point by min T + 1e-3 L (normalised). The tie-break
-    # matters: many schemes run equally fast, and proving a pure min-T optimal can take HiGHS
-    # minutes. Neither endpoint is lexicographic: a point with the same L and a smaller T lies
-    # strictly below the first hull segment, so the hull search finds it.
+    # 1. the L-optimum; the T end comes from the walk below (a pure min-T MILP is the slow one:
+    # many schemes run about equally fast, and HiGHS can take minutes to prove it).
     l_opt = record(first, "l_opt", None)
-    t_opt = record(model.solve_weighted(1e-3, 1.0, start=None, gap=t_gap), "t_opt", None)
-    # Below t_opt only points with T >= T_lb (every unit at its fastest scheme) and L >= L(t_opt)
-    # can exist; if even that corner cannot beat the others, min T needs no proof. Otherwise (and
-    # always for r = 0) solve min T exactly.
-    t_lb = units.t0 + float(np.where(units.available, units.time, np.inf).min(axis=1).sum())
-    if r == 0.0 or (r < 1.0 and objective(t_opt.L, t_lb, r)
-                    < min(p.f(r) for p in found) - f_tol):
-        exact_t = model.solve("T", gap=t_gap, start=t_opt.choice)
-        if exact_t is not None and exact_t[1]["T"] < t_opt.T:
-            t_opt = record(exact_t, "t_opt", None)
-    # 2. the lower convex hull of the frontier by dichotomic weighted sums; f is concave, so its
-    # minimiser is a hull vertex. Segments whose corner bound cannot beat f* are skipped once
-    # the picture has `hull` points.
     exact = True
     product = 0.0 < r < 1.0
     best = min(p.f(r) for p in found)
-    vertices = [t_opt, l_opt]
+    vertices = [l_opt]
     heap: list = []
     seq = 0
 
@@ -388,7 +394,53 @@ def solve_tradeoff(units: Units, *, wbudget: float, abudget: float | None = None
         heapq.heappush(heap, (objective(b.L, a.T, r) if product else 0.0, seq, a, b))
         seq += 1
 
-    push(t_opt, l_opt)
+    def weighted(lam: float, start: np.ndarray):  # min L + lam T: a hull vertex (or on an edge)
+        scale = model.l_scale + lam * model.t_scale
+        return model.solve_weighted(model.l_scale / scale, lam * model.t_scale / scale,
+                                    start=start)
+
+    # 2. walk left along the hull from the L-optimum by weighted sums min L + λT, λ x4 per step,
+    # starting from the tangent of f at the L-optimum (r = 1 walks only to draw the frontier).
+    # Every vertex left of `left` has L >= L_left and T >= T_lb (the LP bound of min T), so once
+    # r log L_left + (1 - r) log T_lb cannot beat f*, nothing further left can.
+    rr = r if product else 0.5
+    lam = (1 - rr) / rr * max(l_opt.L, _TINY) / max(l_opt.T, _TINY)
+    left = l_opt
+    t_lb = None
+    for _ in range(walk if r > 0 else 0):
+        if product:
+            if t_lb is None:
+                t_lb = model.lp_min_t()
+            if objective(left.L, t_lb, r) >= best - f_tol:
+                break
+        elif len(vertices) >= hull + 2:
+            break
+        out = weighted(lam, left.choice)
+        lam *= 4
+        if out is None:
+            continue
+        c = record(out, "hull", None)
+        if c.T < left.T * (1 - 1e-12) and c.L > left.L:
+            vertices.append(c)
+            best = min(best, c.f(r))
+            push(c, left)
+            left = c
+    else:
+        # not certified within `walk` steps (or r = 0): the exact min T decides the left end
+        if r < 1.0:
+            out = model.solve("T", gap=t_gap, start=left.choice)
+            if out is not None:
+                c = record(out, "t_min", None)
+                if c.T < left.T * (1 - 1e-12):
+                    vertices.append(c)
+                    best = min(best, c.f(r))
+                    push(c, left)
+                    left = c
+    t_opt = left if r > 0 else min(found, key=lambda p: (p.T, p.L))
+    # 3. refine the hull between the vertices found, dichotomically (Aneja-Nair): for a segment
+    # a-b, min L + λT with λ its slope; a solution strictly below a-b is a new vertex and splits
+    # it. Segments whose corner bound cannot beat f* are skipped once the picture has `hull`
+    # vertices.
     while heap:
         bound, _, a, b = heapq.heappop(heap)
         needed = product and bound < best - f_tol
@@ -397,10 +449,8 @@ def solve_tradeoff(units: Units, *, wbudget: float, abudget: float | None = None
         if model.solves >= max_solves:
             exact = exact and not needed
             continue
-        lam = (a.L - b.L) / (b.T - a.T)  # the slope of segment a-b: min L + lam T
-        scale = model.l_scale + lam * model.t_scale
-        out = model.solve_weighted(model.l_scale / scale, lam * model.t_scale / scale,
-                                   start=(a if a.L + lam * a.T <= b.L + lam * b.T else b).choice)
+        lam = (a.L - b.L) / (b.T - a.T)  # the slope of segment a-b
+        out = weighted(lam, (a if a.L + lam * a.T <= b.L + lam * b.T else b).choice)
         if out is None:
             continue
         c = record(out, "hull", None)

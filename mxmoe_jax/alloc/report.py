@@ -86,8 +86,9 @@ def plot_frontier(result: AllocResult, path: str | Path) -> Path:
                 alpha=0.5, label="frontier points found")
     ax.plot([result.totals["T_us"]], [result.totals["L"]], "*", color="tab:red", ms=16,
             label=f"chosen (r={q['meta']['r']:g}): {result.totals['wbits']:.3f} W bits")
+    floor = curve[:, 0].min() / 100  # a near-lossless uniform point would squash the axis
     for name, v in result.uniform.items():
-        if v is None or v["L"] <= 0:
+        if v is None or v["L"] < floor:
             continue
         ax.plot([v["T_us"]], [v["L"]], "s", ms=6, alpha=0.8)
         ax.annotate(f"{name} ({v['wbits']:.2f})", (v["T_us"], v["L"]), fontsize=7,

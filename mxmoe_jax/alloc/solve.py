@@ -8,8 +8,10 @@ decomposes it).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime
+import multiprocessing
 
 import numpy as np
 
@@ -29,7 +31,7 @@ class SolveConfig:
     r: float = 0.75  # weight of log L against log T (1 = accuracy only, 0 = speed only)
     mode: str = "layer"  # "layer": a budget per layer; "model": one budget for the model
     granularity: str = "linear"  # "linear": per block group; "expert": one scheme per expert
-    hull: int = 6  # convex-hull frontier points to find per MILP for the picture
+    hull: int = 4  # convex-hull frontier points to find per MILP for the picture
     grid: int = 0  # ε-constraint display probes at evenly spaced τ (slower MILPs)
     grid_gap: float = 1e-2  # relative MILP gap of those probes (pictures, not proofs)
     f_tol: float = 0.0  # the product search may stop within this of the optimal log objective
@@ -37,6 +39,7 @@ class SolveConfig:
     time_limit: float | None = 20.0  # seconds per MILP (None: unlimited)
     max_solves: int = 60  # MILPs per layer (or model)
     solver: str = "highs"  # "highs" (in process) or "cbc" (bundled with pulp[cbc])
+    jobs: int = 1  # processes solving layers in parallel (layer mode; spawned)
 
     def __post_init__(self):
         if not self.wbits > 0:
@@ -49,6 +52,8 @@ class SolveConfig:
             raise ValueError(f"mode: {self.mode!r} is not one of {MODES}")
         if self.granularity not in ("linear", "expert"):
             raise ValueError(f"granularity: {self.granularity!r} is not 'linear' or 'expert'")
+        if self.jobs < 1:
+            raise ValueError(f"jobs: must be >= 1, got {self.jobs}")
         for f in ("grid_gap", "f_tol", "t_gap"):
             if getattr(self, f) < 0:
                 raise ValueError(f"{f}: must be >= 0")
@@ -109,11 +114,25 @@ def solve_allocation(inputs: AllocInputs, cfg: SolveConfig, *, progress: bool = 
               grid_gap=cfg.grid_gap, solver=cfg.solver, f_tol=cfg.f_tol, t_gap=cfg.t_gap,
               time_limit=cfg.time_limit, max_solves=cfg.max_solves)
     solutions: dict[str, Solution] = {}
-    bar = tqdm(groups, desc=f"solve ({cfg.mode} mode, r={cfg.r:g})", unit="layer",
+    bar = tqdm(total=len(groups), desc=f"solve ({cfg.mode} mode, r={cfg.r:g})", unit="layer",
                disable=not progress, leave=False)
-    for key in bar:
-        solutions[key] = solve_tradeoff(units[key], **kw)
-        bar.set_postfix(MILPs=sum(s.solves for s in solutions.values()))
+    jobs = min(cfg.jobs, len(groups))
+    if jobs > 1:
+        # layers are independent MILPs: one process each (spawned, so no fork of a threaded
+        # parent; HiGHS runs single-threaded in each)
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+            futures = {pool.submit(solve_tradeoff, units[key], **kw): key for key in groups}
+            for fut in concurrent.futures.as_completed(futures):
+                solutions[futures[fut]] = fut.result()
+                bar.update()
+                bar.set_postfix(MILPs=sum(s.solves for s in solutions.values()))
+        solutions = {key: solutions[key] for key in groups}
+    else:
+        for key in groups:
+            solutions[key] = solve_tradeoff(units[key], **kw)
+            bar.update()
+            bar.set_postfix(MILPs=sum(s.solves for s in solutions.values()))
     bar.close()
 
     assignment: dict = {}

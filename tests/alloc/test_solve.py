@@ -145,3 +145,11 @@ def test_cli_writes_everything_and_reports_bad_input(files, tmp_path, capsys):
     capsys.readouterr()
     assert cli(args + ["--wbits", "1.5", "--force"]) == 2
     assert "smallest feasible budget is --wbits 2.25" in capsys.readouterr().err
+
+
+def test_parallel_layers_give_the_same_assignment(files):
+    one = solve_allocation(inputs_of(files), SolveConfig(wbits=4.5, r=0.75, hull=0, jobs=1),
+                           progress=False)
+    two = solve_allocation(inputs_of(files), SolveConfig(wbits=4.5, r=0.75, hull=0, jobs=2),
+                           progress=False)
+    assert one.qconfig["layers"] == two.qconfig["layers"]
