@@ -82,13 +82,21 @@ def test_gptq_layer_error_below_rtn_for_every_scheme():
         errs = {}
         for method in ("rtn", "gptq"):
             q = {}
-            for b, wb in w.items():
+            # gate and up share their input, hence their Hessian: one GPTQ call on [gate | up]
+            # (output columns are quantized independently, so this equals two calls)
+            n = w["gate"].shape[2]
+            for b, wb in (("gate_up", jnp.concatenate([w["gate"], w["up"]], axis=2)),
+                          ("down", w["down"])):
                 if scheme.group_size != -1 and wb.shape[1] % scheme.group_size:
-                    q[b] = wb  # e.g. g128 on down (K = 192): left in full precision
+                    qb = wb  # e.g. g128 on down (K = 192): left in full precision
                 elif method == "rtn":
-                    q[b] = fake_quant_weight(wb, scheme)
+                    qb = fake_quant_weight(wb, scheme)
                 else:
-                    q[b] = dequantize(gptq_quantize(wb, h_hid if b == "down" else h_in, scheme))
+                    qb = dequantize(gptq_quantize(wb, h_hid if b == "down" else h_in, scheme))
+                if b == "down":
+                    q["down"] = qb
+                else:
+                    q["gate"], q["up"] = qb[..., :n], qb[..., n:]
             out = routed(x_eval, q["gate"], q["up"], q["down"],
                          scheme=None if scheme.weight_only else scheme)
             errs[method] = float(jnp.linalg.norm(out - ref))
