@@ -258,7 +258,8 @@ class _Model:
         self.lcon.changeRHS(l_rhs)
         if minimise is not None:  # None: keep the objective set by the caller
             self.prob.setObjective(self.l_expr if minimise == "L" else self.t_expr)
-        for _ in range(3):
+        tighten = 0.0
+        for _ in range(6):
             t = _time.perf_counter()
             with _quiet_stdout():
                 stats = self.prob.solve(solver)
@@ -279,7 +280,10 @@ class _Model:
             over = ev["wbits"] - self.wbudget
             if over <= 1e-12:
                 break
-            self.wcon.changeRHS(self.wcon.getUb() - over - 1e-12)
+            # the row holds only to the solver's tolerance (~1e-7 bits): tighten it a little
+            # more each time until the rounded assignment meets the budget exactly
+            tighten = 2 * max(tighten, over, 1e-9)
+            self.wcon.changeRHS(self.wbudget - tighten)
         else:
             raise RuntimeError("solver kept returning assignments over the bit budget")
         self.wcon.changeRHS(self.wbudget)

@@ -61,7 +61,8 @@ class SolveConfig:
     @classmethod
     def exact(cls, **kw) -> SolveConfig:
         """Zero gaps and no time limit: slow on big layers, exact everywhere."""
-        return cls(grid_gap=0.0, f_tol=0.0, t_gap=0.0, time_limit=None, max_solves=100_000, **kw)
+        kw.update(grid_gap=0.0, f_tol=0.0, t_gap=0.0, time_limit=None, max_solves=100_000)
+        return cls(**kw)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
