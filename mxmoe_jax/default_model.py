@@ -131,7 +131,9 @@ def train_default_model(hf_out: str | os.PathLike, recipe: DefaultRecipe = Defau
     cfg = ModelConfig.from_hf(config)
     model = MoECausalLM(cfg, dtype=jnp.float32, param_dtype=jnp.float32,
                         rngs=nnx.Rngs(recipe.seed))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, recipe.learning_rate, 20, recipe.max_steps,
+    warmup = max(1, min(20, recipe.max_steps // 10))  # decay must outlast the warm-up
+    schedule = optax.warmup_cosine_decay_schedule(0.0, recipe.learning_rate, warmup,
+                                                  max(recipe.max_steps, warmup + 1),
                                                   recipe.learning_rate / 10)
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.1))

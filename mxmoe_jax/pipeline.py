@@ -4,9 +4,14 @@ With no ``--model`` it first trains the embedded default (``mxmoe_jax.default_mo
 Qwen2-MoE trained for about a minute on text that ships with Python) and exports it to a Hugging
 Face folder, so every run starts from HF format. Each stage writes its artifact into ``--out``:
 
-    hf/          the default model in HF format (only without --model)
-    model/       converted Flax model (Orbax)            <- convert
-    report.json  every stage's numbers; report.md the same as a table
+    hf/            the default model in HF format (only without --model)
+    model/         converted Flax model (Orbax)                       <- convert
+    trace.json     tokens per expert per layer (+ trace.png)           <- trace
+    loss.json      Δ per (layer, expert, block, scheme)                <- calibrate
+    perf.json      kernel cost table (analytic roofline of --device)   <- profile
+    qconfig.json   scheme per block (+ pareto.csv, frontier/heatmap)   <- solve
+    report.json    every stage's numbers, and the perplexity of the FP model, of each uniform
+                   scheme and of the mixed allocation; report.md the same as tables
 """
 
 from __future__ import annotations
@@ -30,6 +35,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-windows", type=int, default=16, help="eval windows")
     p.add_argument("--train-steps", type=int, default=300,
                    help="training steps of the embedded default model (default 300)")
+    p.add_argument("--wbits", type=float, default=3.25,
+                   help="average weight bits of the allocation, scales included (default 3.25)")
+    p.add_argument("--abits", type=float,
+                   help="average activation bits (weight-activation schemes; e.g. --wbits 5 "
+                        "--abits 5); default: weight-only schemes")
+    p.add_argument("--schemes", nargs="+", metavar="S",
+                   help="candidate schemes (default: w2/w3/w4 g128 asym + w8 per-channel for "
+                        "weight-only; w4a4 g-1/g128 + w8a8 with --abits)")
+    p.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
+                   help="weight quantizer for calibration and evaluation (default rtn)")
+    p.add_argument("--nsamples", type=int, default=16, help="calibration windows (default 16)")
+    p.add_argument("--batch", type=int, default=512,
+                   help="tokens per forward pass that the allocation optimises for")
+    p.add_argument("--r", type=float, default=0.75,
+                   help="solver trade-off L^r T^(1-r) (default 0.75)")
+    p.add_argument("--device", default="H200",
+                   help="device of the analytic kernel cost table (default H200)")
     p.add_argument("--force", action="store_true", help="overwrite the stages' outputs in --out")
     p.set_defaults(func=main)
 
@@ -43,12 +65,8 @@ def _stage(report: dict, name: str, fn):
 
 
 def main(args: argparse.Namespace) -> int:
-    import jax.numpy as jnp
 
     from mxmoe_jax.convert.hf_to_flax import convert_hf
-    from mxmoe_jax.eval.perplexity import load_tokenizer, perplexity, tokenize_file, windows
-    from mxmoe_jax.models import forward
-    from mxmoe_jax.models.io import load_model_dir
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
@@ -60,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
         hf_dir = Path(args.model)
         if not args.calib or not args.eval_text:
             raise ValueError("--calib and --eval are required with --model")
-        eval_text = args.eval_text
+        calib, eval_text = args.calib, args.eval_text
     else:
         from mxmoe_jax.default_model import DefaultRecipe, train_default_model
 
@@ -69,6 +87,7 @@ def main(args: argparse.Namespace) -> int:
             shutil.rmtree(hf_dir)
         recipe = DefaultRecipe(max_steps=args.train_steps)
         _stage(report, "train default model", lambda: train_default_model(hf_dir, recipe))
+        calib = args.calib or [str(hf_dir / "calib.txt")]
         eval_text = args.eval_text or str(hf_dir / "eval.txt")
 
     model_dir = out / "model"
@@ -79,21 +98,82 @@ def main(args: argparse.Namespace) -> int:
 
     _stage(report, "convert", convert)
 
-    def evaluate():
-        _, model = load_model_dir(model_dir, dtype=jnp.float32)
-        ids = windows(tokenize_file(load_tokenizer(model_dir), eval_text), args.seqlen,
-                      args.max_windows)
-        r = perplexity(lambda b: forward(model, b), ids)
-        return {"text": eval_text, **r.to_dict()}
+    seq = ["--seqlen", str(args.seqlen), "--nsamples", str(args.nsamples)]
+    _stage(report, "trace", lambda: _cli(
+        ["trace", "--model", str(model_dir), "--text", *calib, "--out", str(out / "trace.json"),
+         "--plot", str(out / "trace.png"), *seq, "--force"]))
+    schemes = args.schemes or (ACT_SCHEMES if args.abits else WEIGHT_ONLY_SCHEMES)
+    _stage(report, "calibrate", lambda: _cli(
+        ["calibrate", "--model", str(model_dir), "--text", *calib, "--schemes", *schemes,
+         "--method", args.method, "--out", str(out / "loss.json"), *seq, "--force"]))
+    _stage(report, "profile", lambda: _cli(
+        ["profile", "--analytic", args.device, "--shapes", str(model_dir), "--schemes",
+         "w16a16", *schemes, "--out", str(out / "perf.json"), "--force"]))
+    budget = ["--wbits", str(args.wbits)] + (["--abits", str(args.abits)] if args.abits else [])
 
-    _stage(report, "eval fp32", evaluate)
+    def solve():
+        _cli(["solve", "--trace", str(out / "trace.json"), "--loss", str(out / "loss.json"),
+              "--perf", str(out / "perf.json"), *budget, "--batch", str(args.batch),
+              "--r", str(args.r), "--out", str(out / "qconfig.json"), "--force"])
+        summary = json.loads((out / "qconfig.json").read_text())["summary"]
+        return {k: summary[k] for k in ("wbits", "abits", "L", "T_us") if k in summary}
+
+    _stage(report, "solve", solve)
+    _stage(report, "eval", lambda: _evaluate(args, model_dir, calib, eval_text, schemes, out))
 
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    lines = ["| stage | seconds | result |", "|---|---|---|"]
-    for name, r in report["stages"].items():
-        rest = ", ".join(f"{k}={v}" for k, v in r.items() if k != "seconds")
-        lines.append(f"| {name} | {r['seconds']} | {rest} |")
-    table = "\n".join(lines)
+    table = _tables(report)
     (out / "report.md").write_text(table + "\n")
     print(table)
     return 0
+
+
+WEIGHT_ONLY_SCHEMES = ("w2a16_g128_asym", "w3a16_g128_asym", "w4a16_g128_asym", "w8a16_g-1_asym")
+ACT_SCHEMES = ("w4a4_g-1_sym", "w4a4_g128_sym", "w8a8_g-1_sym")
+
+
+def _cli(argv: list[str]) -> None:
+    from mxmoe_jax.cli import main as cli_main
+
+    rc = cli_main(argv)
+    if rc:
+        raise RuntimeError(f"stage `mxmoe-jax {argv[0]}` failed with exit code {rc}")
+
+
+def _evaluate(args, model_dir: Path, calib, eval_text: str, schemes, out: Path) -> dict:
+    """Perplexity of the FP model, of every uniform scheme, and of the mixed allocation."""
+    from mxmoe_jax.calib.data import sample_windows, tokenize_texts
+    from mxmoe_jax.eval.perplexity import load_tokenizer, perplexity, tokenize_file, windows
+    from mxmoe_jax.eval.quantized import plan_from_qconfig, quantized_logits_fn
+    from mxmoe_jax.models.io import load_flat_params
+    from mxmoe_jax.quant.fakequant import QuantPlan
+    from mxmoe_jax.quant.scheme import QScheme
+
+    cfg, flat = load_flat_params(model_dir, "fp32")
+    tok = load_tokenizer(model_dir)
+    ids = windows(tokenize_file(tok, eval_text), args.seqlen, args.max_windows)
+    calib_ids = None
+    if args.method == "gptq":
+        calib_ids = sample_windows(tokenize_texts(tok, calib), args.seqlen, args.nsamples)
+    qconfig = json.loads((out / "qconfig.json").read_text())
+    rows = {"fp32": (16.0, None)}
+    rows.update({s: (QScheme.parse(s).bits_per_weight(), QuantPlan.uniform(cfg, s))
+                 for s in schemes})
+    rows[f"mixed (solve, {args.wbits} bits)"] = (qconfig["summary"]["wbits"],
+                                                 plan_from_qconfig(cfg, qconfig))
+    result = {"text": eval_text, "windows": int(ids.shape[0]), "ppl": {}}
+    for name, (bits, plan) in rows.items():
+        fn = quantized_logits_fn(cfg, flat, plan, method=args.method, calib_windows=calib_ids)
+        result["ppl"][name] = {"wbits": round(bits, 3), "ppl": round(perplexity(fn, ids).ppl, 4)}
+        print(f"  {name:<32} wbits {bits:6.3f}  ppl {result['ppl'][name]['ppl']}", flush=True)
+    return result
+
+
+def _tables(report: dict) -> str:
+    lines = ["| stage | seconds |", "|---|---|"]
+    lines += [f"| {name} | {r['seconds']} |" for name, r in report["stages"].items()]
+    ev = report["stages"]["eval"]
+    lines += ["", f"Perplexity on {ev['text']} ({ev['windows']} windows):", "",
+              "| model | avg weight bits | ppl |", "|---|---|---|"]
+    lines += [f"| {k} | {v['wbits']} | {v['ppl']} |" for k, v in ev["ppl"].items()]
+    return "\n".join(lines)
