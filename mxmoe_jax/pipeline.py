@@ -157,8 +157,9 @@ def _evaluate(args, model_dir: Path, calib, eval_text: str, schemes, out: Path) 
         calib_ids = sample_windows(tokenize_texts(tok, calib), args.seqlen, args.nsamples)
     qconfig = json.loads((out / "qconfig.json").read_text())
     rows = {"fp32": (16.0, None)}
-    rows.update({s: (QScheme.parse(s).bits_per_weight(), QuantPlan.uniform(cfg, s))
-                 for s in schemes})
+    uniform = qconfig["summary"].get("uniform", {})  # the solver's bits, per-channel scales counted
+    rows.update({s: ((uniform.get(s) or {}).get("wbits", QScheme.parse(s).bits_per_weight()),
+                     QuantPlan.uniform(cfg, s)) for s in schemes})
     rows[f"mixed (solve, {args.wbits} bits)"] = (qconfig["summary"]["wbits"],
                                                  plan_from_qconfig(cfg, qconfig))
     result = {"text": eval_text, "windows": int(ids.shape[0]), "ppl": {}}
