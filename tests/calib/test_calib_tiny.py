@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import BOOKS_CALIB, TINY_MODEL, require_shared
+from conftest import BOOKS_CALIB, require_shared
 from flax import nnx
 
 from mxmoe_jax.calib import calibrate as C
@@ -29,14 +29,9 @@ HI = jax.lax.Precision.HIGHEST
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """The tiny model converted to a MODEL_DIR (fp32) with the project's converter."""
-    from mxmoe_jax.convert.hf_to_flax import convert_hf
-
-    require_shared(TINY_MODEL)
-    out = tmp_path_factory.mktemp("calib_tiny") / "model"
-    convert_hf(TINY_MODEL, out, "fp32")
-    return out
+def tiny_dir(tiny_model_dir):
+    """The tiny model converted to a MODEL_DIR (fp32), once per session (tests/conftest.py)."""
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
