@@ -3,7 +3,7 @@
 No download anywhere: the text is ``pydoc_data.topics`` (the language reference topics that
 CPython installs for ``help()``, ~0.5 MB), the tokenizer is a byte-level BPE trained on it with
 ``tokenizers``, and the model is our own Flax ``MoECausalLM`` with the ``qwen2_moe`` architecture
-(routed experts with a sigmoid-gated shared expert, as Qwen1.5-MoE), trained for about a minute
+(routed experts with a sigmoid-gated shared expert, as Qwen1.5-MoE), trained for ~2 minutes
 with optax on the CPU, then exported to a Hugging Face folder so the rest of the pipeline starts
 from HF format like any user model. The last tenth of the text is held out for calibration and
 evaluation.
