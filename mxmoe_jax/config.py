@@ -315,6 +315,10 @@ def _resolve_hf(mt: str, hf: dict) -> dict[str, Any]:
         if method not in routers:
             raise ValueError(f"deepseek_v2 config.json has topk_method={method!r}; "
                              f"supported: {sorted(routers)}")
+        scoring = hf.get("scoring_func") or "softmax"
+        if scoring != "softmax":
+            raise ValueError(f"deepseek_v2 config.json has scoring_func={scoring!r}; only "
+                             "'softmax' (DeepSeek-V2) is supported")
         moe_i = int(_req(hf, "moe_intermediate_size", mt))
         n_shared = int(hf.get("n_shared_experts") or 0)
         q_lora = hf.get("q_lora_rank")

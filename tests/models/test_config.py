@@ -168,6 +168,8 @@ def test_bad_values_name_the_field():
         ModelConfig.from_hf({**DS2_LITE, "topk_method": "group_limited_greedy", "n_group": 5})
     with pytest.raises(ValueError, match="topk_method"):
         ModelConfig.from_hf({**DS2_LITE, "topk_method": "noaux_tc"})
+    with pytest.raises(ValueError, match="scoring_func"):
+        ModelConfig.from_hf({**DS2_LITE, "scoring_func": "sigmoid"})
     with pytest.raises(ValueError, match="hidden_act"):
         ModelConfig.from_hf({**MIXTRAL, "hidden_act": "gelu"})
 
