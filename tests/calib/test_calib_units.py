@@ -65,7 +65,8 @@ def test_pad_groups_against_numpy():
         assert np.all(np.asarray(g.weight[ex, n:]) == 0) and np.all(np.asarray(g.x[ex, n:]) == 0)
 
 
-@pytest.mark.parametrize("name", ["qwen2_moe_norm", "mixtral", "deepseek_v2_lite"])
+@pytest.mark.parametrize("name", [
+    "qwen2_moe_norm", "qwen3_moe", "mixtral", "olmoe", "deepseek_v2_lite"])
 def test_layer_walk_matches_model(name):
     cfg, model = _random_model(name)
     ids = jnp.asarray(RNG.integers(0, cfg.vocab_size, (2, 16)))
