@@ -59,24 +59,34 @@ def main(args: argparse.Namespace) -> int:
     result = calibrate_files(args.model, args.text, config, out=args.out, seqlen=args.seqlen,
                              nsamples=args.nsamples, sampling=args.sampling, seed=args.seed,
                              tokenizer_dir=args.tokenizer, progress=True)
-    print(summary_table(result))
+    from mxmoe_jax.models.io import load_config
+
+    print(summary_table(result, load_config(args.model).num_experts))
     print(f"wrote {args.out}")
     return 0
 
 
-def summary_table(result: dict) -> str:
-    """Mean Δ per scheme and block over all layers and experts (routed and shared); blocks a
-    scheme cannot quantize (group size does not divide K: null in loss.json) are counted apart."""
+def summary_table(result: dict, num_experts: int) -> str:
+    """Mean Δ per scheme and block over all layers, routed experts (indices < ``num_experts``) and
+    the shared expert (index ``num_experts``) apart; blocks a scheme cannot quantize (group size
+    does not divide K: null in loss.json) are counted apart."""
     import numpy as np
 
-    lines = [f"{'scheme':<18} {'gate':>10} {'up':>10} {'down':>10} {'null':>6}"
-             "   (mean Δ over experts and layers)"]
+    def means(rows):
+        if not rows:
+            return [np.nan] * 3, 0
+        vals = np.array([[np.nan if v is None else v for v in blocks] for blocks in rows], float)
+        m = [np.nanmean(vals[:, b]) if np.isfinite(vals[:, b]).any() else np.nan for b in range(3)]
+        return m, int(np.isnan(vals).sum())
+
+    def fmt(m):
+        return " ".join(f"{v:>9.4g}" if np.isfinite(v) else f"{'n/a':>9}" for v in m)
+
+    lines = [f"{'scheme':<18} {'gate':>9} {'up':>9} {'down':>9} | {'sh.gate':>9} {'sh.up':>9} "
+             f"{'sh.down':>9} {'null':>5}   (mean Δ over layers; routed | shared expert)"]
     for name, layers in result["losses"].items():
-        vals = np.array([[np.nan if v is None else v for v in blocks]
-                         for experts in layers.values() for blocks in experts.values()], float)
-        means = [np.nanmean(vals[:, b]) if np.isfinite(vals[:, b]).any() else np.nan
-                 for b in range(3)]
-        lines.append(f"{name:<18} " + " ".join(
-            f"{m:>10.4g}" if np.isfinite(m) else f"{'n/a':>10}" for m in means)
-            + f" {int(np.isnan(vals).sum()):>6}")
+        rows = [(int(e), blocks) for experts in layers.values() for e, blocks in experts.items()]
+        (mr, nr) = means([b for e, b in rows if e < num_experts])
+        (ms, ns) = means([b for e, b in rows if e >= num_experts])
+        lines.append(f"{name:<18} {fmt(mr)} | {fmt(ms)} {nr + ns:>5}")
     return "\n".join(lines)
