@@ -11,7 +11,9 @@ how much does quantizing one linear block alone hurt? Two metrics, as the origin
   ``L·(E+1)·3`` partial forwards per scheme. Only usable on tiny models.
 
 Quantizers: ``rtn`` (``quant.rtn``) and ``gptq`` (Hessians from each expert's routed tokens, FP
-inputs; ``quant.gptq``), optionally after the model is Hadamard-rotated (``quant.hadamard``).
+inputs; ``quant.gptq``), optionally after the model is Hadamard-rotated exactly as ``eval
+--hadamard`` rotates it (``quant.rotation.rotate_params(..., online_down=True)``: the residual
+stream, and every down_proj input online, so the down blocks measured are the ones evaluated).
 
 Memory: the hidden states of all calibration windows at the current layer (host), plus one token
 chunk's activations on the device. Resumable: after each MoE layer the finished losses are written
@@ -47,6 +49,7 @@ from mxmoe_jax.calib.loss import (
 )
 from mxmoe_jax.calib.trace import write_json_atomic
 from mxmoe_jax.config import ModelConfig
+from mxmoe_jax.quant.rotation import Rotation
 from mxmoe_jax.quant.rtn import fake_quant_weight
 from mxmoe_jax.quant.scheme import QScheme
 
@@ -61,7 +64,7 @@ class CalibConfig:
 
     schemes: tuple[str, ...]  # QScheme names (parsed and normalised in __post_init__)
     method: str = "rtn"  # weight quantizer: "rtn" | "gptq"
-    hadamard: bool = False  # recorded in meta; the caller rotates the model before calibrating
+    hadamard: bool = False  # the model is rotated (caller) and calibrate() gets its Rotation
     metric: str = "layer_out_norm"  # "layer_out_norm" | "model_out_norm"
     batch_tokens: int = 8192  # tokens per jitted chunk (bounds device memory)
     layers: tuple[int, ...] | None = None  # MoE layers to calibrate (None = all)
@@ -128,12 +131,14 @@ def _chunk_losses(cfg: ModelConfig, p: walk.MoEParams, x_td, mask, routed_q, sha
     real tokens, 0 for the chunk's padding."""
     idx, wt = walk.route_tokens(cfg, p.router, x_td)
     groups = pad_groups(x_td, idx, wt * mask[:, None], cfg.num_experts, capacity)
-    r_sq, y = losses_sq(groups.x, groups.weight, p.routed, routed_q, batched=True)
+    r_sq, y = losses_sq(groups.x, groups.weight, p.routed, routed_q, batched=True,
+                        down_signs=p.routed_down_signs)
     out = combine_groups(groups, y, x_td.shape[0])
     if p.shared is None:
         return r_sq, out
     gw = walk.shared_weight(p, x_td)
-    s_sq, ys = losses_sq(x_td, gw * mask, p.shared, shared_q, batched=False)
+    s_sq, ys = losses_sq(x_td, gw * mask, p.shared, shared_q, batched=False,
+                         down_signs=p.shared_down_signs)
     return jnp.concatenate([r_sq, s_sq[:, None, :]], axis=1), out + gw[:, None] * ys
 
 
@@ -145,13 +150,13 @@ def _chunk_hessians(cfg: ModelConfig, p: walk.MoEParams, x_td, mask, *, capacity
     groups = pad_groups(x_td * mask[:, None], idx, wt, cfg.num_experts, capacity)
     rows = (groups.valid & (mask[groups.token] > 0)).astype(jnp.float32)  # [E, C]
     x = groups.x * rows[..., None]
-    h = walk.swiglu_parts(x, p.routed, walk._bmm)[2] * rows[..., None]
+    h = walk.swiglu_parts(x, p.routed, walk._bmm, p.routed_down_signs)[2] * rows[..., None]
     hi = jax.lax.Precision.HIGHEST
     out = {"gate_up": jnp.einsum("ecd,ecf->edf", x, x, precision=hi),
            "down": jnp.einsum("eci,ecj->eij", h, h, precision=hi), "n": rows.sum(axis=1)}
     if p.shared is not None:
         xs = x_td.astype(jnp.float32) * mask[:, None]
-        hs = walk.swiglu_parts(xs, p.shared, walk._mm)[2]
+        hs = walk.swiglu_parts(xs, p.shared, walk._mm, p.shared_down_signs)[2]
         out["shared_gate_up"] = jnp.dot(xs.T, xs, precision=hi)
         out["shared_down"] = jnp.dot(hs.T, hs, precision=hi)
         out["shared_n"] = mask.sum()
@@ -167,11 +172,13 @@ def _moe_one_block(cfg: ModelConfig, p: walk.MoEParams, x_td, expert, block, rou
     idx, wt = walk.route_tokens(cfg, p.router, x_td)
     groups = pad_groups(x_td, idx, wt, e, capacity)
     rows = groups.valid & (jnp.arange(e)[:, None] == expert)
-    y = selected_mlp(groups.x, p.routed, routed_q, block, rows, batched=True)
+    y = selected_mlp(groups.x, p.routed, routed_q, block, rows, batched=True,
+                     down_signs=p.routed_down_signs)
     out = combine_groups(groups, y, x_td.shape[0])
     if p.shared is not None:
         rows_s = jnp.full(x_td.shape[:1], expert == e)
-        ys = selected_mlp(x_td, p.shared, shared_q, block, rows_s, batched=False)
+        ys = selected_mlp(x_td, p.shared, shared_q, block, rows_s, batched=False,
+                          down_signs=p.shared_down_signs)
         out = out + walk.shared_weight(p, x_td)[:, None] * ys
     return out
 
@@ -279,7 +286,7 @@ def _layer_out_norm(cfg, p, xn_flat, h_flat, schemes, quantize, chunk, method, b
 
 
 def _model_out_norm(cfg, model, layer_idx, p, xn, h, final_ref, schemes, quantize, per, method,
-                    chunk, bar):
+                    chunk, bar, rotation):
     """Brute force: Δ² ``[S, E(+1), 3]`` of the final hidden state, one block at a time."""
     s_windows, t, d = xn.shape
     hess = None
@@ -289,7 +296,7 @@ def _model_out_norm(cfg, model, layer_idx, p, xn, h, final_ref, schemes, quantiz
     routed_q, shared_q = _quantize_layer(p, schemes, quantize, hess)
     n_exp = cfg.num_experts + (1 if p.shared is not None else 0)
     later = [(j, model.layers[j]) for j in range(layer_idx + 1, cfg.num_layers)]
-    later_p = {j: walk.moe_params(lay) for j, lay in later if lay.is_moe}
+    later_p = {j: walk.moe_params(lay, rotation) for j, lay in later if lay.is_moe}
     total = np.zeros((len(schemes), n_exp, 3), np.float64)
     for si, s in enumerate(schemes):
         sup = _supported(p, s, cfg.num_experts)
@@ -305,7 +312,7 @@ def _model_out_norm(cfg, model, layer_idx, p, xn, h, final_ref, schemes, quantiz
                     moe = _moe_one_block(cfg, p, x_td, e, b, routed_q[si], sh_q, capacity=cap)
                     x = jnp.asarray(h[sl]) + moe.reshape(h[sl].shape).astype(h.dtype)
                     for j, lay in later:
-                        x = walk.layer_forward(cfg, lay, x, later_p.get(j))
+                        x = walk.layer_forward(cfg, lay, x, later_p.get(j), rotation)
                     acc += float(_sq_diff(walk.final_hidden(model, x), jnp.asarray(final_ref[sl])))
                 total[si, e, b] = acc
                 if bar is not None:
@@ -323,8 +330,11 @@ def _check_resume(partial: Path, meta: dict) -> tuple[dict, list[int]]:
 
 def calibrate(model, windows: np.ndarray, config: CalibConfig, *, meta: dict,
               partial_path: str | os.PathLike | None = None, progress: bool = False,
-              quantizer: Quantizer | None = None) -> dict:
+              quantizer: Quantizer | None = None, rotation: Rotation | None = None) -> dict:
     """Run calibration on ``windows [S, T]``; returns the ``loss.json`` dict.
+
+    ``rotation``: the ``Rotation`` that ``model`` was rotated with (`rotate_for_calibration`);
+    its online down_proj part is applied to every down_proj input, as ``quant_forward`` does.
 
     ``meta`` is stored as given (the CLI fills model, text, seqlen, seed, ...); ``method``,
     ``metric``, ``hadamard``, ``schemes`` and ``num_tokens`` are set from ``config``/``windows``.
@@ -339,6 +349,11 @@ def calibrate(model, windows: np.ndarray, config: CalibConfig, *, meta: dict,
     schemes = [QScheme.parse(s) for s in config.schemes]
     meta = dict(meta, method=config.method, hadamard=config.hadamard, metric=config.metric,
                 num_tokens=int(windows.size), seqlen=int(t), schemes=list(config.schemes))
+    if config.hadamard and rotation is None:
+        raise ValueError("rotation: config.hadamard is set but no rotation was given (rotate the "
+                         "model with rotate_for_calibration and pass its Rotation)")
+    if rotation is not None:  # resume only from a run with the same rotation
+        meta.update(rotation_seed=rotation.seed, online_down=rotation.online_down)
     moe_layers = list(cfg.moe_layers)
     if not moe_layers:
         raise ValueError("model: it has no MoE layer to calibrate")
@@ -366,7 +381,7 @@ def calibrate(model, windows: np.ndarray, config: CalibConfig, *, meta: dict,
     if config.metric == "model_out_norm" and any(i not in done for i in wanted):
         x = hidden
         for i in range(cfg.num_layers):
-            x = _fp_layer(cfg, model.layers[i], x, per)
+            x = _fp_layer(cfg, model.layers[i], x, per, rotation)
         final_ref = np.concatenate([walk.to_host(walk.final_hidden(model, jnp.asarray(x[sl])))
                                     for sl in walk.iter_batches(s_windows, per)])
     last = max(wanted)
@@ -374,13 +389,13 @@ def calibrate(model, windows: np.ndarray, config: CalibConfig, *, meta: dict,
     for i in range(last + 1):
         layer = model.layers[i]
         if i not in wanted or i in done:
-            hidden = _fp_layer(cfg, layer, hidden, per) if i < last else hidden
+            hidden = _fp_layer(cfg, layer, hidden, per, rotation) if i < last else hidden
             continue
         start = time.perf_counter()
         h, xn = _attention(layer, hidden, per)
         if config.metric == "layer_out_norm":
             hidden = None  # not needed again: frees one [S, T, D] copy while the layer runs
-        p = walk.moe_params(layer)
+        p = walk.moe_params(layer, rotation)
         d = h.shape[-1]
         n_chunks = -(-xn.shape[0] * t // chunk)
         if config.metric == "layer_out_norm":
@@ -394,8 +409,8 @@ def calibrate(model, windows: np.ndarray, config: CalibConfig, *, meta: dict,
             bar = _progress(len(schemes) * n_exp * 3, f"layer {i}/{cfg.num_layers - 1}",
                             progress)
             sq = _model_out_norm(cfg, model, i, p, xn, h, final_ref, schemes, quantize, per,
-                                 config.method, chunk, bar)
-            hidden = _fp_layer(cfg, layer, hidden, per)
+                                 config.method, chunk, bar, rotation)
+            hidden = _fp_layer(cfg, layer, hidden, per, rotation)
         if bar is not None:
             bar.close()
         for si, s in enumerate(schemes):
@@ -423,10 +438,12 @@ def _attention(layer, hidden: np.ndarray, per: int) -> tuple[np.ndarray, np.ndar
     return np.concatenate(hs), np.concatenate(xs)
 
 
-def _fp_layer(cfg, layer, hidden: np.ndarray, per: int) -> np.ndarray:
-    p = walk.moe_params(layer) if layer.is_moe else None
-    return np.concatenate([walk.to_host(walk.layer_forward(cfg, layer, jnp.asarray(hidden[sl]), p))
-                           for sl in walk.iter_batches(hidden.shape[0], per)])
+def _fp_layer(cfg, layer, hidden: np.ndarray, per: int, rotation: Rotation | None = None
+              ) -> np.ndarray:
+    p = walk.moe_params(layer, rotation) if layer.is_moe else None
+    return np.concatenate([
+        walk.to_host(walk.layer_forward(cfg, layer, jnp.asarray(hidden[sl]), p, rotation))
+        for sl in walk.iter_batches(hidden.shape[0], per)])
 
 
 def write_losses(result: dict, out: str | os.PathLike) -> Path:
@@ -445,14 +462,15 @@ def load_losses(path: str | os.PathLike) -> dict:
     return data
 
 
-def rotate_for_calibration(model, seed: int):
-    """QuaRot-style Hadamard rotation of ``model`` (the quant core's), returned rotated."""
-    try:
-        from mxmoe_jax.quant import rotation
-    except ImportError:
-        raise ValueError("--hadamard needs the model rotation of the quant core "
-                         "(mxmoe_jax.quant.rotation), which is not in this checkout yet") from None
-    return rotation.rotate_model(model, seed=seed)
+def rotate_for_calibration(model, seed: int) -> tuple[object, Rotation]:
+    """``(rotated model, Rotation)``: the rotation ``eval --hadamard`` applies
+    (``rotate_params(..., online_down=True)``, same seed: same signs). Pass the Rotation to
+    `calibrate`, which applies its online down_proj part; the model's own forward cannot."""
+    from mxmoe_jax.models import from_flat_params, to_flat_params
+    from mxmoe_jax.quant.rotation import rotate_params
+
+    cfg, flat, rot = rotate_params(model.cfg, to_flat_params(model), seed=seed, online_down=True)
+    return from_flat_params(cfg, flat, dtype=model.dtype), rot
 
 
 def partial_path_for(out: str | os.PathLike) -> Path:
@@ -479,12 +497,14 @@ def calibrate_files(model_dir: str | os.PathLike, text: Sequence[str | os.PathLi
     ids = token_windows(tokenize_texts(tokenizer, text), seqlen=seqlen, nsamples=nsamples,
                         sampling=sampling, seed=seed)
     _, model = load_model_dir(model_dir, dtype=jnp.float32)
+    rotation = None
     if config.hadamard:
-        model = rotate_for_calibration(model, seed)
+        model, rotation = rotate_for_calibration(model, seed)
     meta = {"model": str(model_dir), "text": [str(t) for t in text], "seed": seed,
             "sampling": sampling}
     partial = partial_path_for(out)
-    result = calibrate(model, ids, config, meta=meta, partial_path=partial, progress=progress)
+    result = calibrate(model, ids, config, meta=meta, partial_path=partial, progress=progress,
+                       rotation=rotation)
     write_losses(result, out)
     partial.unlink(missing_ok=True)
     return result

@@ -22,6 +22,11 @@ batched einsum (``'ecd,edi->eci'``): fast on every backend, where a ragged matmu
 Weight-activation schemes also fake-quantize the block's input rows (per token, dynamic): the
 MoE block input for gate/up, ``silu(gate)·up`` for down (the original: a forward-pre-hook on the
 linear). Squared norms are returned, so token chunks accumulate (``Δ = sqrt(Σ chunks)``).
+
+Online Hadamard rotation (``down_signs``, the model rotated with ``online_down``): every down_proj
+input ``h = silu(g)·u`` is rotated, ``h Q_I`` with ``Q_I = diag(s) H_I / sqrt(I)``, before the
+(pre-rotated) down weights and before the down block's activation fake-quant, as
+``fakequant.quant_forward`` does; gate/up variants rotate their changed ``h`` the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from mxmoe_jax.quant import hadamard
 from mxmoe_jax.quant.act import fake_quant_activations
 from mxmoe_jax.quant.scheme import QScheme
 
@@ -146,25 +152,41 @@ def _sq_rows(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.sum(d * d, axis=-1)
 
 
-def swiglu_parts(x: jax.Array, w: MLPWeights, mm) -> tuple[jax.Array, ...]:
-    """FP ``(g, u, h = silu(g)·u, y)`` of a SwiGLU MLP with matmul ``mm`` (batched or dense)."""
+def rotate_down_input(h: jax.Array, down_signs: jax.Array | None) -> jax.Array:
+    """The online rotation of a down_proj input ``h [..., I]`` (identity when ``down_signs`` is
+    None): ``h Q_I`` in f32, the same call as ``fakequant``'s."""
+    if down_signs is None:
+        return h
+    return hadamard.rotate_right(h.astype(jnp.float32), down_signs, jnp)
+
+
+def swiglu_parts(x: jax.Array, w: MLPWeights, mm, down_signs: jax.Array | None = None
+                 ) -> tuple[jax.Array, ...]:
+    """FP ``(g, u, h, y)`` of a SwiGLU MLP with matmul ``mm`` (batched or dense): ``h`` is the
+    down_proj input ``silu(g)·u``, rotated online when ``down_signs`` is given."""
     g = mm(x, w.gate)
     u = mm(x, w.up)
-    h = jax.nn.silu(g) * u
+    h = rotate_down_input(jax.nn.silu(g) * u, down_signs)
     return g, u, h, mm(h, w.down)
 
 
 def losses_sq(x: jax.Array, row_w: jax.Array, w: MLPWeights, variants: Sequence[QuantizedBlocks],
-              *, batched: bool) -> tuple[jax.Array, jax.Array]:
+              *, batched: bool, down_signs: jax.Array | None = None
+              ) -> tuple[jax.Array, jax.Array]:
     """Squared Δ of each block for each scheme, summed over rows, and the FP output.
 
     ``x`` rows ``[E, C, D]`` (``batched``: routed experts) or ``[T, D]`` (the shared expert),
-    ``row_w`` the weight of each row (``[E, C]`` or ``[T]``; 0 for padding). Returns
-    (``[S, E, 3]`` or ``[S, 3]`` f32, the FP expert output ``y``).
+    ``row_w`` the weight of each row (``[E, C]`` or ``[T]``; 0 for padding), ``down_signs`` the
+    online rotation of the down_proj input (None: none). Returns (``[S, E, 3]`` or ``[S, 3]``
+    f32, the FP expert output ``y``).
     """
     mm = _bmm if batched else _mm
     x = x.astype(jnp.float32)
-    g, u, h, y = swiglu_parts(x, w, mm)
+    g, u, h, y = swiglu_parts(x, w, mm, down_signs)
+
+    def down(hq):  # FP down_proj of a changed (unrotated) down input
+        return mm(rotate_down_input(hq, down_signs), w.down)
+
     w2 = jnp.square(row_w.astype(jnp.float32))
     reduce_axes = -1  # sum over rows: C (batched) or T
 
@@ -176,8 +198,8 @@ def losses_sq(x: jax.Array, row_w: jax.Array, w: MLPWeights, variants: Sequence[
     for v in variants:
         xa = _act(x, v.scheme) if (v.gate is not None or v.up is not None) else None
         cols = [
-            zero if v.gate is None else delta_sq(mm(jax.nn.silu(mm(xa, v.gate)) * u, w.down)),
-            zero if v.up is None else delta_sq(mm(jax.nn.silu(g) * mm(xa, v.up), w.down)),
+            zero if v.gate is None else delta_sq(down(jax.nn.silu(mm(xa, v.gate)) * u)),
+            zero if v.up is None else delta_sq(down(jax.nn.silu(g) * mm(xa, v.up))),
             zero if v.down is None else delta_sq(mm(_act(h, v.scheme), v.down)),
         ]
         out.append(jnp.stack(cols, axis=-1))
@@ -191,9 +213,11 @@ def combine_groups(groups: Groups, y_ecd: jax.Array, num_tokens: int) -> jax.Arr
 
 
 def selected_mlp(x: jax.Array, w: MLPWeights, q: QuantizedBlocks, block: jax.Array,
-                 rows: jax.Array, *, batched: bool) -> jax.Array:
+                 rows: jax.Array, *, batched: bool, down_signs: jax.Array | None = None
+                 ) -> jax.Array:
     """The MLP output with exactly one block quantized: ``block`` (traced int, 0 gate, 1 up,
-    2 down; anything else: none) in the rows/experts where ``rows`` is True (``[E, C]`` or [T]).
+    2 down; anything else: none) in the rows/experts where ``rows`` is True (``[E, C]`` or [T]);
+    ``down_signs``: the online rotation of the down_proj input (None: none).
 
     Weights are per-expert, so ``rows`` for a routed expert e is ``valid & (expert == e)``; the
     quantized weights of the other experts never meet a selected row. Used by the brute-force
@@ -211,5 +235,5 @@ def selected_mlp(x: jax.Array, w: MLPWeights, q: QuantizedBlocks, block: jax.Arr
         yq = mm(_act(a, q.scheme), wq)
         return jnp.where(sel & (block == i), yq, y)
 
-    h = jax.nn.silu(blk(0, "gate", x)) * blk(1, "up", x)
+    h = rotate_down_input(jax.nn.silu(blk(0, "gate", x)) * blk(1, "up", x), down_signs)
     return blk(2, "down", h)

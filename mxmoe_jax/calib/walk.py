@@ -8,6 +8,12 @@ through the model's own modules (``DecoderLayer.attention_residual``, ``post_att
 (``models.moe.route``) and the padded per-expert groups of ``loss.py``: the same function as
 ``MoEBlock.__call__`` (tested to match it), but dense batched matmuls instead of a ragged one
 (which is ~20x slower on the CPU), and one compilation for all layers of the same shape.
+
+Under a Hadamard rotation (``quant.rotation.rotate_params(..., online_down=True)``, as ``eval
+--hadamard``) the model's own modules cannot apply the online rotation of down_proj inputs, so
+the MLPs run here on arrays with the rotation's sign vectors (``MoEParams.*_down_signs``, and the
+``rotation`` argument of `layer_forward` for dense layers): the same computation as
+``fakequant.quant_forward(..., rotation=...)``. Without a rotation nothing changes.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from flax import nnx
 from mxmoe_jax.calib.loss import MLPWeights, capacity_for, combine_groups, pad_groups, swiglu_parts
 from mxmoe_jax.config import ModelConfig
 from mxmoe_jax.models.moe import route
+from mxmoe_jax.quant.rotation import Rotation
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -33,17 +40,28 @@ class MoEParams:
     """One MoE layer's parameters as f32 arrays.
 
     Invariants: ``router [D, E]``; ``routed`` stacks ``[E, ...]``; ``shared`` is None when the
-    model has no shared expert; ``shared_gate [D, 1]`` only for qwen2_moe's gated shared expert.
+    model has no shared expert; ``shared_gate [D, 1]`` only for qwen2_moe's gated shared expert;
+    the ``*_down_signs`` are None without an online down_proj rotation (else ``[I]`` / ``[Is]``,
+    the rotation's signs for that width: the down weights are then already pre-rotated).
     """
 
     router: jax.Array  # [D, E]
     routed: MLPWeights  # gate/up [E, D, I], down [E, I, D]
     shared: MLPWeights | None  # gate/up [D, Is], down [Is, D]
     shared_gate: jax.Array | None  # [D, 1]
+    routed_down_signs: jax.Array | None = None  # [I] +-1 online rotation of routed down inputs
+    shared_down_signs: jax.Array | None = None  # [Is] +-1, the shared expert's
 
 
-def moe_params(layer) -> MoEParams:
-    """The arrays of a ``DecoderLayer`` whose ``mlp`` is an ``MoEBlock`` (cast to f32)."""
+def down_signs(rotation: Rotation | None, width: int) -> jax.Array | None:
+    """The online down_proj rotation's signs for inputs of ``width`` as f32 (None: no rotation)."""
+    s = None if rotation is None else rotation.down_signs(width)
+    return None if s is None else jnp.asarray(s, jnp.float32)
+
+
+def moe_params(layer, rotation: Rotation | None = None) -> MoEParams:
+    """The arrays of a ``DecoderLayer`` whose ``mlp`` is an ``MoEBlock`` (cast to f32), with
+    ``rotation``'s online down_proj signs (the layer's weights must be rotated by it)."""
     mlp = layer.mlp
 
     def f32(p):
@@ -54,12 +72,14 @@ def moe_params(layer) -> MoEParams:
         shared = MLPWeights(gate=f32(mlp.shared.gate_proj.kernel),
                             up=f32(mlp.shared.up_proj.kernel),
                             down=f32(mlp.shared.down_proj.kernel))
-    return MoEParams(router=f32(mlp.router.kernel),
-                     routed=MLPWeights(gate=f32(mlp.experts.gate), up=f32(mlp.experts.up),
-                                       down=f32(mlp.experts.down)),
-                     shared=shared,
+    routed = MLPWeights(gate=f32(mlp.experts.gate), up=f32(mlp.experts.up),
+                        down=f32(mlp.experts.down))
+    return MoEParams(router=f32(mlp.router.kernel), routed=routed, shared=shared,
                      shared_gate=f32(mlp.shared_gate.kernel) if hasattr(mlp, "shared_gate")
-                     else None)
+                     else None,
+                     routed_down_signs=down_signs(rotation, routed.down.shape[-2]),
+                     shared_down_signs=None if shared is None
+                     else down_signs(rotation, shared.down.shape[-2]))
 
 
 def route_tokens(cfg: ModelConfig, router: jax.Array, x_td: jax.Array
@@ -106,10 +126,10 @@ def moe_forward(cfg: ModelConfig, p: MoEParams, x_td: jax.Array, *, capacity: in
     """The MoE block ``[T, D] -> [T, D]`` f32 (routed + gated shared expert), FP weights."""
     idx, wt = route_tokens(cfg, p.router, x_td)
     groups = pad_groups(x_td, idx, wt, cfg.num_experts, capacity)
-    y = swiglu_parts(groups.x, p.routed, _bmm)[3]
+    y = swiglu_parts(groups.x, p.routed, _bmm, p.routed_down_signs)[3]
     out = combine_groups(groups, y, x_td.shape[0])
     if p.shared is not None:
-        ys = swiglu_parts(x_td.astype(jnp.float32), p.shared, _mm)[3]
+        ys = swiglu_parts(x_td.astype(jnp.float32), p.shared, _mm, p.shared_down_signs)[3]
         out = out + shared_weight(p, x_td)[:, None] * ys
     return out
 
@@ -141,6 +161,19 @@ def _dense_mlp(layer, xn: jax.Array) -> jax.Array:
     return layer.mlp(xn)
 
 
+def dense_params(layer) -> MLPWeights:
+    """The arrays of a dense (non-MoE) layer's SwiGLU MLP, f32."""
+    mlp = layer.mlp
+    return MLPWeights(*(jnp.asarray(getattr(mlp, f"{b}_proj").kernel[...], jnp.float32)
+                        for b in ("gate", "up", "down")))
+
+
+@jax.jit
+def _dense_mlp_rotated(w: MLPWeights, signs: jax.Array, xn: jax.Array) -> jax.Array:
+    """A dense MLP with the online rotation of its down_proj input (f32 out)."""
+    return swiglu_parts(xn.astype(jnp.float32), w, _mm, signs)[3]
+
+
 @nnx.jit
 def _final_norm(norm, x: jax.Array) -> jax.Array:
     return norm(x)
@@ -151,16 +184,22 @@ def final_hidden(model, x: jax.Array) -> jax.Array:
     return _final_norm(model.final_norm, x)  # pass the norm alone: nnx.jit flattens its args
 
 
-def layer_forward(cfg: ModelConfig, layer, x_btd: jax.Array, p: MoEParams | None = None
-                  ) -> jax.Array:
-    """One decoder layer in FP, ``[B, T, D] -> [B, T, D]``: equals ``layer(x, positions)``.
+def layer_forward(cfg: ModelConfig, layer, x_btd: jax.Array, p: MoEParams | None = None,
+                  rotation: Rotation | None = None) -> jax.Array:
+    """One decoder layer in FP, ``[B, T, D] -> [B, T, D]``: equals ``layer(x, positions)``, or
+    with ``rotation`` (online down_proj part) that layer of ``quant_forward(..., rotation=)``.
 
-    ``p``: this layer's `moe_params` (pass it when calling repeatedly, to skip the extraction).
+    ``p``: this layer's `moe_params` with the same rotation (pass it when calling repeatedly, to
+    skip the extraction).
     """
     h, xn = attention_part(layer, x_btd)
     if not layer.is_moe:
-        return h + _dense_mlp(layer, xn)
-    p = moe_params(layer) if p is None else p
+        if rotation is None or not rotation.online_down:
+            return h + _dense_mlp(layer, xn)
+        w = dense_params(layer)
+        m = _dense_mlp_rotated(w, down_signs(rotation, w.down.shape[-2]), xn)
+        return (h + m.astype(h.dtype)).astype(h.dtype)
+    p = moe_params(layer, rotation) if p is None else p
     x_td = xn.reshape(-1, xn.shape[-1])
     moe = moe_forward(cfg, p, x_td, capacity=chunk_capacity(cfg, p, x_td))
     return (h + moe.reshape(h.shape).astype(h.dtype)).astype(h.dtype)

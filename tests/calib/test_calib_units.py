@@ -128,3 +128,111 @@ def test_unsupported_group_size_is_null_and_bad_config_errors():
     with pytest.raises(ValueError, match="layers"):
         C.calibrate(model, np.zeros((1, 8), np.int32),
                     C.CalibConfig(schemes=("w8a8_g-1_sym",), layers=(7,)), meta={})
+
+
+# ------------------------------------------------------------------------------ --hadamard
+
+def _eval_rotation(cfg, model, seed):
+    """The rotated model and Rotation exactly as ``eval --hadamard`` builds them."""
+    from mxmoe_jax.models import to_flat_params
+    from mxmoe_jax.quant.rotation import rotate_params
+
+    return rotate_params(cfg, to_flat_params(model), seed=seed, online_down=True)
+
+
+@pytest.fixture(scope="module")
+def ds2_scaled():
+    """DS2 (dense first layer, ungated shared experts): every down_proj width rotated online
+    (96, 32, 64); larger weights keep Δ far from fp32 noise. Shared: model init is seconds."""
+    return _random_model("deepseek_v2_lite", std_scale=25.0)
+
+
+class _Identity(nnx.Module):
+    def __call__(self, x):
+        return x
+
+
+def _layer_output_probe(cfg, model):
+    """Make ``model.logits(x)[..., :D]`` return ``x`` itself (the last decoder layer's output):
+    identity final norm, LM head ``[I | 0]``. Needs V >= D."""
+    d, v = cfg.hidden_size, cfg.vocab_size
+    assert v >= d and not cfg.tie_word_embeddings
+    model.final_norm = _Identity()
+    model.lm_head.kernel[...] = jnp.eye(d, v, dtype=model.lm_head.kernel[...].dtype)
+    return model
+
+
+def test_hadamard_walk_matches_eval_rotation(ds2_scaled):
+    """The calibration walk under --hadamard (dense layer, shared and routed experts, all with the
+    online down_proj rotation) computes ``quant_forward(rotated, rotation=)``, as eval does, and
+    the rotation preserves the function of the unrotated model."""
+    from mxmoe_jax.models import from_flat_params
+    from mxmoe_jax.quant.fakequant import quant_forward
+
+    cfg, model = ds2_scaled
+    ids = jnp.asarray(RNG.integers(0, cfg.vocab_size, (2, 16)))
+    cfg_r, flat_r, rot_eval = _eval_rotation(cfg, model, seed=5)
+    assert rot_eval.online_down and len(rot_eval.down) == 3  # dense 96, routed 32, shared 64
+    want = np.asarray(quant_forward(from_flat_params(cfg_r, flat_r), ids, None, rot_eval))
+    np.testing.assert_allclose(want, np.asarray(model(ids)), rtol=1e-4,
+                               atol=1e-4 * np.abs(want).max())
+
+    rmodel, rot = C.rotate_for_calibration(model, seed=5)
+    for width, s in rot_eval.down.items():
+        np.testing.assert_array_equal(rot.down_signs(width), s)
+    x = walk.embed(rmodel, ids)
+    for layer in rmodel.layers:
+        x = walk.layer_forward(cfg_r, layer, x, rotation=rot)
+    got = np.asarray(rmodel.logits(x))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    # the online part matters: without it the rotated weights compute something else
+    y = walk.embed(rmodel, ids)
+    for layer in rmodel.layers:
+        y = walk.layer_forward(cfg_r, layer, y)
+    assert np.abs(np.asarray(rmodel.logits(y)) - want).max() > 1e-2 * np.abs(want).max()
+
+
+def test_hadamard_shortcut_equals_quant_forward(ds2_scaled):
+    """Shortcut Δ under --hadamard against brute force with the eval forward: one block
+    fake-quantized through a one-entry QuantPlan, ``quant_forward`` with that plan and the
+    rotation (activation fake-quant on the rotated down input), the last layer's output.
+    An RTN weight-only scheme and a weight-activation one."""
+    from mxmoe_jax.models import from_flat_params
+    from mxmoe_jax.quant.fakequant import QuantPlan, fake_quantize_params, quant_forward
+
+    cfg, model = ds2_scaled
+    ids = RNG.integers(0, cfg.vocab_size, (2, 24))
+    schemes = [QScheme.parse(s) for s in ("w4a16_g-1_sym", "w8a8_g-1_sym")]
+    i = cfg.num_layers - 1  # the last layer: its output is the probe's logits
+    assert cfg.is_moe_layer(i)
+    rmodel, rot = C.rotate_for_calibration(model, seed=1)
+    config = C.CalibConfig(schemes=tuple(s.name for s in schemes), hadamard=True, layers=(i,),
+                           batch_tokens=32)  # 48 tokens: two chunks accumulate
+    res = C.calibrate(rmodel, ids, config, meta={}, rotation=rot)
+    assert res["meta"]["online_down"] and res["meta"]["rotation_seed"] == 1
+
+    cfg_r, flat_r, rot_eval = _eval_rotation(cfg, model, seed=1)
+    d = cfg.hidden_size
+
+    def layer_out(flat, plan):
+        m = _layer_output_probe(cfg_r, from_flat_params(cfg_r, flat))
+        return np.asarray(quant_forward(m, jnp.asarray(ids), plan, rot_eval), np.float64)[..., :d]
+
+    ref = layer_out(flat_r, None)
+    cases = {schemes[0]: [(3, "down"), (cfg.num_experts, "up")],
+             schemes[1]: [(5, "down"), (cfg.num_experts, "down")]}
+    for scheme, blocks in cases.items():
+        got = res["losses"][scheme.name][str(i)]
+        for e, b in blocks:
+            plan = QuantPlan.from_mapping({(i, e, b): scheme})
+            want = float(np.linalg.norm(
+                layer_out(fake_quantize_params(cfg_r, flat_r, plan), plan) - ref))
+            d_got = got[str(e)][loss.BLOCKS.index(b)]
+            assert want > 0 and abs(want - d_got) <= 1e-3 * want + 1e-6, (scheme, e, b, want)
+
+
+def test_hadamard_without_rotation_is_an_error():
+    cfg, model = _random_model("mixtral")
+    with pytest.raises(ValueError, match="rotation"):
+        C.calibrate(model, np.zeros((1, 8), np.int32),
+                    C.CalibConfig(schemes=("w8a8_g-1_sym",), hadamard=True), meta={})
