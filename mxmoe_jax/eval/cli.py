@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="GPTQ calibration windows of --seqlen tokens (default 16)")
     p.add_argument("--hadamard", action="store_true",
                    help="rotate first (QuaRot-style, online down_proj rotation)")
-    p.add_argument("--seed", type=int, default=0, help="rotation / calibration sampling seed")
+    p.add_argument("--seed", type=int, default=42,
+                   help="rotation / calibration sampling seed (default 42, as calibrate)")
     p.add_argument("--json", action="store_true",
                    help='print {"ppl", "tokens", "windows"} as the last stdout line')
     p.set_defaults(func=main)
