@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mxmoe_jax.calib.trace import expert_share, plot_traces, trace_files, write_json_atomic
+from mxmoe_jax.calib.trace import expert_share, plot_traces, trace_files
+from mxmoe_jax.jsonio import write_json_atomic
 
 WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "wiki.test.raw.txt"
 
@@ -71,12 +72,12 @@ def main(argv=None) -> dict:
         kw = dict(seqlen=args.seqlen, nsamples=args.nsamples, progress=True)
         traces = {"WikiText-2": trace_files(args.model, [args.wiki], **kw),
                   "Python stdlib": trace_files(args.model, code, **kw)}
-    write_json_atomic(traces["WikiText-2"], out / "trace_wikitext2.json")
-    write_json_atomic(traces["Python stdlib"], out / "trace_code.json")
+    write_json_atomic(out / "trace_wikitext2.json", traces["WikiText-2"])
+    write_json_atomic(out / "trace_code.json", traces["Python stdlib"])
     titles = [f"{k} ({t['num_samples']} x {t['num_tokens']} tokens)" for k, t in traces.items()]
     png = plot_traces(list(traces.values()), titles, out / "trace_wiki_vs_code.png")
     result = summary(traces)
-    write_json_atomic(result, out / "trace_domains.json")
+    write_json_atomic(out / "trace_domains.json", result)
     print(f"{'layer':>5} " + " ".join(f"{k + ' top1':>20} {'max/min':>8}" for k in traces)
           + f" {'TV dist':>8}")
     for j, i in enumerate(result["layers"]):

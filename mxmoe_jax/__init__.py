@@ -28,7 +28,8 @@ def _map_checkout_folders() -> None:
         init = root / name / "__init__.py"
         if not init.is_file():
             continue
-        spec = _ilu.spec_from_file_location(full, init, submodule_search_locations=[str(init.parent)])
+        spec = _ilu.spec_from_file_location(full, init,
+                                            submodule_search_locations=[str(init.parent)])
         module = _ilu.module_from_spec(spec)
         _sys.modules[full] = module
         spec.loader.exec_module(module)

@@ -1,4 +1,4 @@
-"""The wheel installs every subpackage under mxmoe_jax, and nothing at the top level but mxmoe_jax."""
+"""The wheel installs every subpackage under mxmoe_jax and nothing else at the top level."""
 
 import tomllib
 

@@ -56,7 +56,7 @@ def main(args: argparse.Namespace) -> int:
     import math
 
     from mxmoe_jax.alloc.qconfig import from_original, to_original
-    from mxmoe_jax.perf.model import write_json_atomic
+    from mxmoe_jax.jsonio import write_json_atomic
 
     out = Path(args.out)
     if out.exists() and not args.force:

@@ -22,12 +22,12 @@ loss.json or perf.json altogether is an error that lists what is missing.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 
 from mxmoe_jax.alloc.milp import Units
+from mxmoe_jax.jsonio import read_json
 from mxmoe_jax.perf.model import PerfModel
 from mxmoe_jax.quant.scheme import QScheme
 
@@ -66,16 +66,6 @@ class AllocInputs:
     perf: PerfModel
     trace_meta: dict  # trace.json's top-level fields (no per-layer data)
     loss_meta: dict  # loss.json "meta"
-
-
-def _read_json(path: str | Path, what: str) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {what} not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
 
 
 def activation_bits(s: QScheme, k: int) -> float:
@@ -192,7 +182,7 @@ def build_inputs(trace: dict, loss: dict, perf: PerfModel, *, batch: int,
 
 def load_inputs(trace: str | Path, loss: str | Path, perf: str | Path, *, batch: int,
                 schemes: list[str] | None = None) -> AllocInputs:
-    return build_inputs(_read_json(trace, "trace"), _read_json(loss, "loss table"),
+    return build_inputs(read_json(trace, "trace"), read_json(loss, "loss table"),
                         PerfModel.load(perf), batch=batch, schemes=schemes,
                         names=(str(trace), str(loss)))
 

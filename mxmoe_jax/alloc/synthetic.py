@@ -78,8 +78,8 @@ def synthetic_loss(trace: dict, schemes, *, seed: int = 0, method: str = "rtn") 
 def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
+    from mxmoe_jax.jsonio import write_json_atomic
     from mxmoe_jax.perf.analytic import DEFAULT_SCHEMES
-    from mxmoe_jax.perf.model import write_json_atomic
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder for trace.json and loss.json")

@@ -47,8 +47,8 @@ from mxmoe_jax.calib.loss import (
     pad_groups,
     selected_mlp,
 )
-from mxmoe_jax.calib.trace import write_json_atomic
 from mxmoe_jax.config import ModelConfig
+from mxmoe_jax.jsonio import read_json, write_json_atomic
 from mxmoe_jax.quant.rotation import Rotation
 from mxmoe_jax.quant.rtn import fake_quant_weight
 from mxmoe_jax.quant.scheme import QScheme
@@ -417,8 +417,8 @@ def calibrate(model, windows: np.ndarray, config: CalibConfig, *, meta: dict,
             losses[s.name][str(i)] = _to_json_losses(sq[si], _supported(p, s, cfg.num_experts))
         done.append(i)
         if partial is not None:
-            write_json_atomic({"format": FORMAT, "meta": meta, "losses": losses,
-                               "done_layers": done}, partial)
+            write_json_atomic(partial, {"format": FORMAT, "meta": meta, "losses": losses,
+                                        "done_layers": done})
         if progress:
             took = time.perf_counter() - start
             times.append(took)
@@ -448,18 +448,12 @@ def _fp_layer(cfg, layer, hidden: np.ndarray, per: int, rotation: Rotation | Non
 
 def write_losses(result: dict, out: str | os.PathLike) -> Path:
     """Write ``loss.json`` atomically."""
-    return write_json_atomic(result, out)
+    return write_json_atomic(out, result)
 
 
 def load_losses(path: str | os.PathLike) -> dict:
     """Read a ``loss.json`` and check its format tag."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"loss file {path} does not exist")
-    data = json.loads(path.read_text())
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {data.get('format')!r} is not {FORMAT!r}")
-    return data
+    return read_json(path, "loss.json", FORMAT)
 
 
 def rotate_for_calibration(model, seed: int) -> tuple[object, Rotation]:

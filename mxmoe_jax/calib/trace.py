@@ -10,7 +10,6 @@ original's ``access_freq`` layout, and a heatmap (layers x experts).
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 
 from mxmoe_jax.calib import walk
 from mxmoe_jax.calib.loss import capacity_for
+from mxmoe_jax.jsonio import read_json
 
 FORMAT = "mxmoe-jax/trace/1"
 
@@ -115,25 +115,9 @@ def build_trace(cfg, counts: np.ndarray, wsums: np.ndarray, *, model: str,
     return out
 
 
-def write_json_atomic(obj, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as JSON to a temporary name beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def load_trace(path: str | os.PathLike) -> dict:
     """Read a ``trace.json`` and check its format tag."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"trace file {path} does not exist")
-    data = json.loads(path.read_text())
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {data.get('format')!r} is not {FORMAT!r}")
-    return data
+    return read_json(path, "trace.json", FORMAT)
 
 
 def expert_share(trace: dict) -> np.ndarray:

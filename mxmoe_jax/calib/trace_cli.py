@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mxmoe_jax.calib.trace import plot_traces, trace_files, write_json_atomic
+    from mxmoe_jax.calib.trace import plot_traces, trace_files
+    from mxmoe_jax.jsonio import write_json_atomic
 
     for path in (args.out, args.plot):
         if path and Path(path).exists() and not args.force:
@@ -38,7 +39,7 @@ def main(args: argparse.Namespace) -> int:
     trace = trace_files(args.model, args.text, seqlen=args.seqlen, nsamples=args.nsamples,
                         sampling=args.sampling, seed=args.seed, tokenizer_dir=args.tokenizer,
                         batch_tokens=args.batch_tokens, progress=True)
-    write_json_atomic(trace, args.out)
+    write_json_atomic(args.out, trace)
     if args.plot:
         title = f"{Path(args.model).name}: {', '.join(Path(t).name for t in args.text)}"
         plot_traces([trace], [title], args.plot)

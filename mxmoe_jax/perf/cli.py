@@ -27,9 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from mxmoe_jax.jsonio import write_json_atomic
     from mxmoe_jax.perf.analytic import DEFAULT_SCHEMES, analytic_table
     from mxmoe_jax.perf.devices import get_device
-    from mxmoe_jax.perf.model import write_json_atomic
     from mxmoe_jax.perf.shapes import load_shapes
 
     device = get_device(args.analytic)

@@ -121,15 +121,3 @@ class PerfModel:
         if not all(math.isfinite(c[1]) for c in curve):
             raise ValueError(f"perf table: non-finite time for {key}")
         return curve
-
-
-def write_json_atomic(path: str | Path, obj, *, force: bool = True) -> Path:
-    """Write JSON to a temporary name beside ``path``, then rename (no half-written files)."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} exists; pass --force to overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
-    return path

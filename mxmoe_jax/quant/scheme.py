@@ -56,8 +56,8 @@ class QScheme:
             if not self.sym:
                 raise ValueError("sym: weight-activation schemes (a_bits < 16) must be symmetric")
         if self.group_size != -1 and (self.group_size <= 0 or self.group_size % 16):
-            raise ValueError(
-                f"group_size: {self.group_size} must be -1 (per channel) or a positive multiple of 16")
+            raise ValueError(f"group_size: {self.group_size} must be -1 (per channel) or a "
+                             "positive multiple of 16")
         if self.fp8 and not (self.w_bits == 8 and self.a_bits == 8 and self.group_size == -1):
             raise ValueError("fp8: only w8a8_g-1_fp8 (per-channel / per-token scales) exists")
 
@@ -128,7 +128,7 @@ class QScheme:
             raise ValueError(f"{self.name}: a float scheme has no integer grid")
 
     def scale_groups(self, k: int) -> int:
-        """Scales per output channel for a K-wide input; raises if ``group_size`` does not divide K."""
+        """Scales per output channel for a K-wide input; raises if group_size does not divide K."""
         if self.w_bits == 16:
             return 0
         if self.group_size == -1:

@@ -1,0 +1,36 @@
+"""The pipeline's JSON artifacts (trace, loss, perf, qconfig): atomic writes, checked reads."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def write_json_atomic(path: str | os.PathLike, obj, *, force: bool = True) -> Path:
+    """Write ``obj`` as JSON to a temporary name beside ``path``, then rename it into place, so a
+    reader never sees a half-written file. ``force=False`` refuses to replace an existing file."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass --force to overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path: str | os.PathLike, what: str, fmt: str | None = None) -> dict:
+    """Read a JSON artifact; a missing file, invalid JSON or (with ``fmt``) another ``format`` tag
+    is an error naming the file and ``what`` it should have been."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if fmt is not None and (not isinstance(data, dict) or data.get("format") != fmt):
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path}: format {got!r} is not {fmt!r} (expected a {what})")
+    return data
