@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mxmoe_jax.quant import packing
 from mxmoe_jax.quant.qtensor import QuantizedWeight, dequantize
@@ -95,3 +97,29 @@ def test_pack_rejects_w16():
 def test_nbytes_counts_codes_and_scales():
     p = packing.pack(quantize_rtn(jnp.ones((2, 256, 64)), "w4a16_g128_asym"))
     assert p.nbytes == 2 * 256 * 64 // 2 + 2 * 2 * 64 * 2 * 2
+
+
+@settings(max_examples=25, deadline=None)
+@given(name=st.sampled_from([s for s in SCHEMES if not s.endswith("fp8")]),
+       e=st.integers(1, 3), k_groups=st.integers(1, 3), n=st.integers(1, 48),
+       seed=st.integers(0, 2**31 - 1))
+def test_round_trip_exact_on_any_codes(name, e, k_groups, n, seed):
+    """Property: any codes on the scheme's grid (not only RTN's) survive pack -> unpack exactly."""
+    from mxmoe_jax.quant.qtensor import codes_dtype
+    from mxmoe_jax.quant.scheme import QScheme
+
+    s = QScheme.parse(name)
+    k = 128 * k_groups
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(s.qmin, s.qmax + 1, (e, k, n))
+    groups = 1 if s.group_size == -1 else k // s.group_size
+    scale = rng.uniform(0.01, 1.0, (e, groups, n)).astype(np.float16).astype(np.float32)
+    # scales and offsets are float16-representable by contract (QuantizedWeight)
+    offset = None if s.sym else (-scale * rng.integers(0, s.qmax + 1, scale.shape)).astype(
+        np.float16).astype(np.float32)
+    qw = QuantizedWeight(codes=jnp.asarray(codes, codes_dtype(s)), scale=jnp.asarray(scale),
+                         offset=None if offset is None else jnp.asarray(offset, jnp.float32),
+                         scheme=s)
+    back = packing.unpack(packing.pack(qw))
+    np.testing.assert_array_equal(np.asarray(back.codes, np.int32), codes)
+    np.testing.assert_array_equal(np.asarray(dequantize(back)), np.asarray(dequantize(qw)))
