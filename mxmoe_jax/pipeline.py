@@ -142,6 +142,7 @@ def _cli(argv: list[str]) -> None:
 
 def _evaluate(args, model_dir: Path, calib, eval_text: str, schemes, out: Path) -> dict:
     """Perplexity of the FP model, of every uniform scheme, and of the mixed allocation."""
+    from mxmoe_jax.alloc.qconfig import load_qconfig
     from mxmoe_jax.calib.data import sample_windows, tokenize_texts
     from mxmoe_jax.eval.perplexity import load_tokenizer, perplexity, tokenize_file, windows
     from mxmoe_jax.eval.quantized import plan_from_qconfig, quantized_logits_fn
@@ -155,7 +156,7 @@ def _evaluate(args, model_dir: Path, calib, eval_text: str, schemes, out: Path) 
     calib_ids = None
     if args.method == "gptq":
         calib_ids = sample_windows(tokenize_texts(tok, calib), args.seqlen, args.nsamples)
-    qconfig = json.loads((out / "qconfig.json").read_text())
+    qconfig = load_qconfig(out / "qconfig.json")
     rows = {"fp32": (16.0, None)}
     uniform = qconfig["summary"].get("uniform", {})  # the solver's bits, per-channel scales counted
     rows.update({s: ((uniform.get(s) or {}).get("wbits", QScheme.parse(s).bits_per_weight()),

@@ -27,7 +27,6 @@ representation there and are refused.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mxmoe_jax.alloc.problem import BLOCKS
@@ -59,14 +58,10 @@ def validate_qconfig(q: dict, where: str = "qconfig") -> dict:
 
 
 def load_qconfig(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: qconfig not found")
-    try:
-        q = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    return validate_qconfig(q, str(path))
+    """Read and validate a qconfig.json."""
+    from mxmoe_jax.jsonio import read_json
+
+    return validate_qconfig(read_json(path, "qconfig"), str(path))
 
 
 def _scheme_to_original(name: str) -> dict:

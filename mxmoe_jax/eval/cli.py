@@ -61,6 +61,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _quantized(args: argparse.Namespace, tokenizer):
     """Logits function of the fake-quantized model (fp32 reference form)."""
+    from mxmoe_jax.alloc.qconfig import load_qconfig
     from mxmoe_jax.calib.data import sample_windows, tokenize_texts
     from mxmoe_jax.eval.quantized import plan_from_qconfig, quantized_logits_fn
     from mxmoe_jax.models.io import load_flat_params
@@ -70,7 +71,7 @@ def _quantized(args: argparse.Namespace, tokenizer):
         raise ValueError("--dtype: quantized evaluation runs in fp32 (the reference form)")
     cfg, flat = load_flat_params(args.model, "fp32")
     if args.qconfig:
-        plan = plan_from_qconfig(cfg, json.loads(open(args.qconfig, encoding="utf-8").read()))
+        plan = plan_from_qconfig(cfg, load_qconfig(args.qconfig))
     elif args.scheme:
         plan = QuantPlan.uniform(cfg, args.scheme)
     else:
