@@ -36,7 +36,6 @@ class DefaultRecipe:
     batch_size: int = 16  # windows per step
     learning_rate: float = 3e-3  # AdamW peak, cosine decay
     max_steps: int = 300  # training steps (the same on every machine)
-    train_seconds: float = 120.0  # safety cap on wall-clock time after the first (compiling) step
     seed: int = 0  # init and batch order
 
     def __post_init__(self):
@@ -152,7 +151,7 @@ def train_default_model(hf_out: str | os.PathLike, recipe: DefaultRecipe = Defau
 
     rng = np.random.default_rng(recipe.seed)
     span = recipe.seqlen + 1
-    losses, start, first_done = [], time.perf_counter(), None
+    losses, start = [], time.perf_counter()
     bar = None
     if progress:
         from tqdm import tqdm
@@ -165,9 +164,6 @@ def train_default_model(hf_out: str | os.PathLike, recipe: DefaultRecipe = Defau
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        first_done = first_done or time.perf_counter()
-        if time.perf_counter() - first_done > recipe.train_seconds:
-            break
     if bar is not None:
         bar.close()
     write_hf_folder(cfg, to_flat_params(model), hf_out, dtype="float32")

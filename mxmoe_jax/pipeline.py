@@ -48,8 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nsamples", type=int, default=16, help="calibration windows (default 16)")
     p.add_argument("--batch", type=int, default=512,
                    help="tokens per forward pass that the allocation optimises for")
-    p.add_argument("--r", type=float, default=0.75,
-                   help="solver trade-off L^r T^(1-r) (default 0.75)")
+    p.add_argument("--r", type=float,
+                   help="solver trade-off L^r T^(1-r) (default: 1 for weight-only budgets, 0.75 "
+                        "with --abits, as the paper)")
     p.add_argument("--device", default="H200",
                    help="device of the analytic kernel cost table (default H200)")
     p.add_argument("--force", action="store_true", help="overwrite the stages' outputs in --out")
@@ -111,10 +112,12 @@ def main(args: argparse.Namespace) -> int:
          "w16a16", *schemes, "--out", str(out / "perf.json"), "--force"]))
     budget = ["--wbits", str(args.wbits)] + (["--abits", str(args.abits)] if args.abits else [])
 
+    r = args.r if args.r is not None else (0.75 if args.abits else 1.0)
+
     def solve():
         _cli(["solve", "--trace", str(out / "trace.json"), "--loss", str(out / "loss.json"),
               "--perf", str(out / "perf.json"), *budget, "--batch", str(args.batch),
-              "--r", str(args.r), "--out", str(out / "qconfig.json"), "--force"])
+              "--r", str(r), "--out", str(out / "qconfig.json"), "--force"])
         summary = json.loads((out / "qconfig.json").read_text())["summary"]
         return {k: summary[k] for k in ("wbits", "abits", "L", "T_us") if k in summary}
 
