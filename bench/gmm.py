@@ -95,7 +95,7 @@ def _torch_grouped_mm(x_np_shape, e, k, n, gs):
 
 
 def run(models, tokens_list, schemes, *, reps: int = 20, sweep: bool = False,
-        detail: bool = False, with_peers: bool = True, log=print):
+        detail: bool = False, with_peers: bool = True, extra_tiles=(), log=print):
     import jax
     import jax.numpy as jnp
     from jax import lax
@@ -151,6 +151,7 @@ def run(models, tokens_list, schemes, *, reps: int = 20, sweep: bool = False,
                 cands = [choose_tile(s, m=t, e=e, n=n, k=k)]
                 if sweep:
                     cands += _sweep_candidates(s, t / e)
+                cands += _matching_tiles(extra_tiles, s, t / e)
                 best = None
                 for tile in cands:
                     fn = jax.jit(lambda a, b, g, tile=tile: gmm(a, b, g, tile=tile))
@@ -159,7 +160,7 @@ def run(models, tokens_list, schemes, *, reps: int = 20, sweep: bool = False,
                     except Exception as err:  # noqa: BLE001 - record and continue
                         log(f"  {s_name} {tile}: FAILED {type(err).__name__}: {str(err)[:300]}")
                         continue
-                    if sweep:
+                    if len(cands) > 1:
                         log(f"    cand {us:9.1f} us  {tile}")
                     if best is None or us < best[0]:
                         best = (us, tile, fn)
@@ -194,6 +195,16 @@ def run(models, tokens_list, schemes, *, reps: int = 20, sweep: bool = False,
                     f"{path} {tile}")
             del x
     return rows, peers
+
+
+def _matching_tiles(entries, scheme, mpe):
+    """Tiles of every ``--tiles`` entry (tile-table format) whose kind and bounds match."""
+    from mxmoe_jax.kernels.pallas import TileConfig
+    from mxmoe_jax.kernels.pallas.tuning import kind_of
+
+    return [TileConfig(**en["tile"]) for en in entries
+            if en["kind"] == kind_of(scheme) and en.get("min_m_per_expert", 0) <= mpe
+            <= en.get("max_m_per_expert", float("inf"))]
 
 
 def _sweep_candidates(scheme, mpe):
@@ -311,6 +322,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--sweep", action="store_true", help="also try a few tile configs per row")
     p.add_argument("--detail", action="store_true", help="print per-kernel device time")
     p.add_argument("--no-peers", action="store_true", help="skip XLA and torch")
+    p.add_argument("--tiles", type=Path, default=None,
+                   help="JSON list of extra candidate tiles, tile-table entry format "
+                        "(kind, min/max_m_per_expert, tile); each matching one is timed too")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--tag", default="", help="suffix of the result file names")
     return p
@@ -323,8 +337,9 @@ def main(args) -> int:
     if dev.platform != "gpu":
         raise ValueError("bench gmm: needs an NVIDIA GPU (the kernels compile with Triton)")
     t0 = time.time()
+    extra = json.loads(args.tiles.read_text()) if args.tiles else []
     rows, peers = run(args.models, args.tokens, args.schemes, reps=args.reps, sweep=args.sweep,
-                      detail=args.detail, with_peers=not args.no_peers,
+                      detail=args.detail, with_peers=not args.no_peers, extra_tiles=extra,
                       log=lambda s: print(s, flush=True))
     date = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H%MZ")
     result = dict(date=date, device=dev.device_kind, jax=jax.__version__,

@@ -230,6 +230,18 @@ def _unpack_nibble_i8(p, j: int, interpret: bool):
         result_shape_dtypes=[jax.ShapeDtypeStruct(p.shape, jnp.int8)])[0]
 
 
+def _mm(xa, w_kmajor, swap: bool):
+    """``xa [bm, k] @ w_kmajor[bn, k].T`` as ``[bm, bn]``, or as ``[bn, bm]`` if ``swap``."""
+    return _dot(w_kmajor, xa, trans_b=True) if swap else _dot(xa, w_kmajor, trans_b=True)
+
+
+def _orient(bm: int, bn: int, swap: bool):
+    """Accumulator shape and the broadcasts of a per-row (token) and per-column vector."""
+    if swap:
+        return (bn, bm), (lambda v: v[None, :]), (lambda v: v[:, None])
+    return (bm, bn), (lambda v: v[:, None]), (lambda v: v[None, :])
+
+
 def _decode_pid(n_blocks: int, splits: int):
     pid = pl.program_id(0)
     s = pid % splits
@@ -277,6 +289,8 @@ def _gmm_wonly_kernel(
         # sub-byte codes with bf16 activations unpack as 128 + u (see _unpack_bf16)
         magic = quant and bits < 8 and x_ref.dtype == jnp.bfloat16
         ubias = packing.code_bias(scheme) + (_BF16_128 if magic else 0)
+        swap = cfg.swap_ab
+        acc_shape, row, col = _orient(bm, bn, swap)
 
         def load_x(k0):
             ks = k0 + jnp.arange(sub)
@@ -304,11 +318,13 @@ def _gmm_wonly_kernel(
                 xa = load_x(k0)
                 wb = plgpu.load(w_ref.at[el, pl.ds(k0, step_k), pl.ds(n0, bn)],
                                 mask=(ks < k)[:, None] & cols_ok[None, :], other=0.0)
+                if swap:
+                    return acc + _dot(wb.astype(xa.dtype).T, xa, trans_b=True), rs
                 return acc + _dot(xa, wb.astype(xa.dtype)), rs
             # (a manual one-step prefetch of the codes, carried through the loop, measured
             # slower on the H200: 107 -> 171 us at Qwen1.5 decode; see bench/NOTES.md)
             p = load_packed(i)
-            part = jnp.zeros((bm, bn), jnp.float32)
+            part = jnp.zeros(acc_shape, jnp.float32)
             xsum = jnp.zeros((bm,), jnp.float32)
             for jj in range(v):
                 xa = load_x(k0 + jj * sub)
@@ -316,7 +332,7 @@ def _gmm_wonly_kernel(
                     u = _unpack_bf16(p, jj, bits, interpret)
                 else:
                     u = (p if v == 1 else (p >> (jj * bits)) & ((1 << bits) - 1)).astype(xa.dtype)
-                part = part + _dot(xa, u, trans_b=True)  # u: [bn, sub], K-major
+                part = part + _mm(xa, u, swap)  # u: [bn, sub], K-major
                 xsum = xsum + jnp.sum(xa.astype(jnp.float32), axis=1)
             if grouped:
                 # clamp: a split's steps past K (x and codes masked to 0) read the last group
@@ -325,17 +341,19 @@ def _gmm_wonly_kernel(
                 z = -ubias * sc
                 if offset_ref is not None:
                     z = z + load_vec(offset_ref, g)
-                return acc + part * sc[None, :] + xsum[:, None] * z[None, :], rs
+                return acc + part * col(sc) + row(xsum) * col(z), rs
             return acc + part, rs + xsum
 
-        init = (jnp.zeros((bm, bn), jnp.float32), jnp.zeros((bm,), jnp.float32))
+        init = (jnp.zeros(acc_shape, jnp.float32), jnp.zeros((bm,), jnp.float32))
         acc, rs = lax.fori_loop(0, steps, body, init)
         if quant and not grouped:
             sc = load_vec(scale_ref, 0)
             z = -ubias * sc
             if offset_ref is not None:
                 z = z + load_vec(offset_ref, 0)
-            acc = acc * sc[None, :] + rs[:, None] * z[None, :]
+            acc = acc * col(sc) + row(rs) * col(z)
+        if swap:
+            acc = acc.T
         acc = jnp.where(ex < e, acc, 0.0)
         _store(o_ref, acc, s, r0, rows_ok, n0, bn, cols_ok, cfg.split_k)
 
@@ -368,6 +386,8 @@ def _gmm_wa_kernel(
         acc_dtype = jnp.float32 if (scheme.fp8 or grouped) else jnp.int32
         part_dtype = jnp.float32 if scheme.fp8 else jnp.int32
         kw = w_ref.shape[2]  # packed K columns
+        swap = cfg.swap_ab
+        acc_shape, row, col = _orient(bm, bn, swap)
 
         fp8_direct = xq_ref.dtype == jnp.float8_e4m3fn  # else fp8 arrives as int8 bits
         other = None if fp8_direct else 0  # masked lanes only reach masked rows/cols
@@ -382,7 +402,7 @@ def _gmm_wa_kernel(
             step = s * steps + i
             k0 = step * step_k
             p = load_packed(i)
-            part = jnp.zeros((bm, bn), part_dtype)
+            part = jnp.zeros(acc_shape, part_dtype)
             for jj in range(v):
                 ks = k0 + jj * sub + jnp.arange(sub)
                 xa = plgpu.load(xq_ref.at[pl.ds(r0, bm), pl.ds(k0 + jj * sub, sub)],
@@ -395,21 +415,23 @@ def _gmm_wa_kernel(
                     wq = p
                 else:
                     wq = _unpack_nibble_i8(p, jj, interpret)  # signed codes from u = code + 8
-                part = part + _dot(xa, wq, trans_b=True)
+                part = part + _mm(xa, wq, swap)
             if grouped:
                 g = jnp.minimum(k0 // scheme.group_size, ws_ref.shape[1] - 1)
                 xsc = plgpu.load(xs_ref.at[pl.ds(r0, bm), g], mask=rows_ok, other=0.0)
                 wsc = plgpu.load(ws_ref.at[el, g, pl.ds(n0, bn)], mask=cols_ok,
                                  other=0.0).astype(jnp.float32)
-                return acc + part.astype(jnp.float32) * xsc[:, None] * wsc[None, :]
+                return acc + part.astype(jnp.float32) * row(xsc) * col(wsc)
             return acc + part.astype(acc_dtype)
 
-        acc = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), acc_dtype))
+        acc = lax.fori_loop(0, steps, body, jnp.zeros(acc_shape, acc_dtype))
         if not grouped:
             xsc = plgpu.load(xs_ref.at[pl.ds(r0, bm), jnp.int32(0)], mask=rows_ok, other=0.0)
             wsc = plgpu.load(ws_ref.at[el, jnp.int32(0), pl.ds(n0, bn)], mask=cols_ok,
                              other=0.0).astype(jnp.float32)
-            acc = acc.astype(jnp.float32) * xsc[:, None] * wsc[None, :]
+            acc = acc.astype(jnp.float32) * row(xsc) * col(wsc)
+        if swap:
+            acc = acc.T
         acc = jnp.where(ex < e, acc, 0.0)
         _store(o_ref, acc, s, r0, rows_ok, n0, bn, cols_ok, cfg.split_k)
 
@@ -505,8 +527,8 @@ def _launch(kernel, args, *, out_m, n, cfg, n_tiles, n_blocks, out_dtype, interp
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("scheme", "cfg", "interpret"))
-def _gmm_wonly(x, w, scale, offset, group_sizes, *, scheme, cfg, interpret):
+@functools.partial(jax.jit, static_argnames=("scheme", "cfg", "interpret", "out_dtype"))
+def _gmm_wonly(x, w, scale, offset, group_sizes, *, scheme, cfg, interpret, out_dtype):
     m, k = x.shape
     e = group_sizes.shape[0]
     n = w.shape[-1] if scale is None else w.shape[1]  # bf16 [E, K, N]; codes [E, N, Kp/v]
@@ -528,7 +550,7 @@ def _gmm_wonly(x, w, scale, offset, group_sizes, *, scheme, cfg, interpret):
         kernel = _drop_arg(kernel, 5)
         args = args[:5]
     return _launch(kernel, args, out_m=m, n=n, cfg=cfg, n_tiles=tiles[0].shape[0],
-                   n_blocks=n_blocks, out_dtype=x.dtype, interpret=interpret,
+                   n_blocks=n_blocks, out_dtype=out_dtype, interpret=interpret,
                    name=f"gmm_{scheme.name}")
 
 
@@ -588,14 +610,15 @@ def _validate(x, w, group_sizes, scheme):
 def gmm(x: jax.Array, w: PackedWeight | jax.Array, group_sizes: jax.Array, *,
         scheme: QScheme | str | None = None, tile: TileConfig | None = None,
         interpret: bool = False, dequant_first: bool | None = None,
-        tile_bf16: TileConfig | None = None) -> jax.Array:
+        tile_bf16: TileConfig | None = None, out_dtype=None) -> jax.Array:
     """Pallas grouped GEMM ``[M, K] x [E, K, N] -> [M, N]`` for any scheme (the kernel itself).
 
     ``w`` is a bf16/f16 array ``[E, K, N]`` (w16a16) or a ``PackedWeight``; ``scheme`` defaults to
     the weight's. Weight-activation schemes quantize ``x`` with ``act_quant.quantize_activations``
     first (a Pallas kernel). ``tile`` defaults to ``tuning.choose_tile``. Weight-only schemes with
     many tokens per expert (``tuning.dequant_first``, or ``dequant_first=True``) dequantize the
-    weights to bf16 in one pass and run the bf16 kernel with ``tile_bf16``.
+    weights to bf16 in one pass and run the bf16 kernel with ``tile_bf16``. ``out_dtype``
+    (default ``x.dtype``; float32 keeps the f32 accumulator) is the dtype of the result.
     """
     if scheme is None:
         scheme = w.scheme if isinstance(w, PackedWeight) else W16A16
@@ -605,10 +628,13 @@ def gmm(x: jax.Array, w: PackedWeight | jax.Array, group_sizes: jax.Array, *,
     m, k = x.shape
     e = group_sizes.shape[0]
     n = w.n if isinstance(w, PackedWeight) else w.shape[-1]
+    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+    if out_dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        raise ValueError(f"out_dtype: {out_dtype} must be bfloat16, float16 or float32")
     if tile is None:
         tile = tuning.choose_tile(scheme, m=m, e=e, n=n, k=k)
     if m == 0:
-        return jnp.zeros((0, n), x.dtype)
+        return jnp.zeros((0, n), out_dtype)
     if scheme.weight_only:
         if isinstance(w, PackedWeight):
             if dequant_first is None:
@@ -619,11 +645,11 @@ def gmm(x: jax.Array, w: PackedWeight | jax.Array, group_sizes: jax.Array, *,
                 if tile_bf16 is None:
                     tile_bf16 = tuning.choose_tile(W16A16, m=m, e=e, n=n, k=k)
                 return _gmm_wonly(x, wd, None, None, group_sizes, scheme=W16A16,
-                                  cfg=tile_bf16, interpret=interpret)
+                                  cfg=tile_bf16, interpret=interpret, out_dtype=out_dtype)
             return _gmm_wonly(x, w.qweight, w.scale, w.offset, group_sizes, scheme=scheme,
-                              cfg=tile, interpret=interpret)
+                              cfg=tile, interpret=interpret, out_dtype=out_dtype)
         return _gmm_wonly(x, w, None, None, group_sizes, scheme=scheme, cfg=tile,
-                          interpret=interpret)
+                          interpret=interpret, out_dtype=out_dtype)
     xq, xs = act_quant.quantize_activations(x, scheme, interpret=interpret)
     wq = w.qweight
     if scheme.fp8 and k % _step_k(scheme, tile):
@@ -632,7 +658,7 @@ def gmm(x: jax.Array, w: PackedWeight | jax.Array, group_sizes: jax.Array, *,
         xq = lax.bitcast_convert_type(xq, jnp.int8)
         wq = lax.bitcast_convert_type(wq, jnp.int8)
     return _gmm_wa(xq, xs, wq, w.scale, group_sizes, scheme=scheme, cfg=tile,
-                   interpret=interpret, out_dtype=x.dtype)
+                   interpret=interpret, out_dtype=out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------

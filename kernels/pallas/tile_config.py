@@ -15,6 +15,9 @@ class TileConfig:
     split_k: int = 1  # K ranges computed by separate programs (>= 1)
     num_warps: int = 4  # warps per program (power of two)
     num_stages: int = 3  # software-pipelining depth of the K loop
+    # compute out^T = W^T x^T: the weight tile is the MMA's left operand (on Hopper a wgmma
+    # operand that may come from registers, so unpacked codes skip the shared-memory round trip)
+    swap_ab: bool = False
 
     def __post_init__(self):
         for name in ("bm", "bn", "bk"):

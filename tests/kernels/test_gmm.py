@@ -126,6 +126,53 @@ def test_weight_activation_gemm(name, k, groups, tile, interpret):
     assert _rel(out, ref) < TOL[jnp.bfloat16]
 
 
+# swap_ab: the weight tile is the MMA's left operand (out^T = W^T x^T); same results
+SWAP = TileConfig(bm=16, bn=64, bk=32, split_k=1, num_warps=4, num_stages=2, swap_ab=True)
+SWAP_SPLIT = TileConfig(bm=32, bn=64, bk=64, split_k=3, num_warps=4, num_stages=2, swap_ab=True)
+
+
+@pytest.mark.parametrize("name,k,tile", [("w16a16", 200, SWAP), ("w4a16_g128_asym", 384, SWAP),
+                                         ("w2a16_g-1_sym", 200, SWAP_SPLIT),
+                                         ("w8a16_g-1_asym", 200, SWAP)])
+def test_weight_only_swap_ab(name, k, tile, interpret):
+    x, w, gs = _data("mixed", k, 72, seed=k + 3)  # N = 72: a partial 64-column block
+    p = w.astype(jnp.bfloat16) if name == "w16a16" else packing.pack(quantize_rtn(w, name))
+    out = gmm(x, p, gs, tile=tile, interpret=interpret)
+    assert _rel(out, grouped_matmul_reference(x, p, gs)) < TOL[jnp.bfloat16]
+
+
+@pytest.mark.parametrize("name,k,tile", [("w8a8_g-1_sym", 200, SWAP_SPLIT),
+                                         ("w4a4_g-1_sym", 200, SWAP),
+                                         ("w4a4_g128_sym", 384, SWAP_SPLIT),
+                                         ("w8a8_g-1_fp8", 256, SWAP)])
+def test_weight_activation_swap_ab(name, k, tile, interpret):
+    s = QScheme.parse(name)
+    x, w, gs = _data("mixed", k, 72, seed=k + 4)
+    p = packing.pack(quantize_rtn(w, s))
+    xq, xs = act.quantize_activations(x, s)
+    wq = p.qweight
+    if s.fp8:
+        xq = jax.lax.bitcast_convert_type(xq, jnp.int8)
+        wq = jax.lax.bitcast_convert_type(wq, jnp.int8)
+    out = gmm_mod._gmm_wa(xq, xs, wq, p.scale, gs, scheme=s, cfg=tile,
+                          interpret=interpret, out_dtype=jnp.bfloat16)
+    assert _rel(out, grouped_matmul_reference(x, p, gs)) < TOL[jnp.bfloat16]
+
+
+def test_float32_output(interpret):
+    """``out_dtype=float32`` returns the f32 accumulator (tighter than a bf16 output)."""
+    x, w, gs = _data("mixed", 200, 40, seed=11)
+    wb = w.astype(jnp.bfloat16)
+    out = gmm(x, wb, gs, tile=SMALL, interpret=interpret, out_dtype=jnp.float32)
+    assert out.dtype == jnp.float32
+    assert _rel(out, grouped_matmul_reference(x, wb, gs).astype(jnp.float32)) < TOL[jnp.bfloat16]
+    ref32 = jax.lax.ragged_dot(x.astype(jnp.float32), wb.astype(jnp.float32), gs,
+                               precision=jax.lax.Precision.HIGHEST)
+    assert _rel(out, ref32) < 1e-5
+    with pytest.raises(ValueError, match="out_dtype"):
+        gmm(x, wb, gs, tile=SMALL, interpret=interpret, out_dtype=jnp.int32)
+
+
 @pytest.mark.parametrize("name", ["w4a4_g128_sym", "w8a8_g-1_fp8"])
 def test_weight_activation_end_to_end(name, interpret):
     """With the activation-quantization kernel in front: a rounding tie may flip one code."""
