@@ -8,14 +8,113 @@ cast once to ``out_dtype`` (default: ``x.dtype``).
 This module holds the pure-jnp reference (``jax.lax.ragged_dot``) and ``grouped_matmul_tiled``, a
 jnp version that the CPU runs instead: XLA's CPU ragged_dot multiplies every row by every expert
 (E times the work), while the tiled one visits only row tiles of one expert each (at most
-``cdiv(M, block_m) + E`` tiles), about 8x faster for the tiny model's MoE layers. Pallas kernels
-plug in behind the same call (``mxmoe_jax.kernels``) without changing the models.
+``cdiv(M, block_m) + E`` tiles), about 8x faster for the tiny model's MoE layers.
+
+Paths (``IMPLS``), chosen per call by ``impl=`` or for a scope by ``kernel_mode`` /
+``set_kernel_mode`` (or the environment variable ``MXMOE_GROUPED_MATMUL_IMPL``):
+
+* ``auto`` (default): on a GPU the Pallas kernel (``mxmoe_jax.kernels.pallas.gmm``) where it
+  applies, else the reference; on the CPU the tiled version.
+* ``kernel`` / ``interpret``: the Pallas kernel, compiled (GPU only) or in Pallas interpret mode
+  (CPU tests), where it applies; other calls keep the backend's non-kernel path.
+* ``reference`` / ``tiled``: always that jnp version.
+
+The kernel applies to bf16/f16 ``x`` (``w`` is cast to ``x``'s dtype, as the reference does) at
+default precision with a bf16/f16/f32 ``out_dtype``; f32 inputs and an explicit ``precision`` (the
+fp32 parity paths, ``Precision.HIGHEST``) keep the reference. The kernel is a ``pallas_call`` with
+no autodiff rule, so it runs under a ``jax.custom_vjp`` whose backward is ``jax.vjp`` of the
+reference: gradients are exactly the reference's (``dx`` = grouped ``dy @ w[e]^T``, ``dw[e]`` =
+``x_e^T dy_e``); ``group_sizes`` gets none.
+
+The mode is read when a function is traced, and it is part of jit's cache key (a JAX config
+state), so ``with kernel_mode("reference"): forward(model, ids)`` retraces rather than reusing a
+trace made under another mode.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+
 import jax
 import jax.numpy as jnp
+
+IMPLS = ("auto", "kernel", "interpret", "reference", "tiled")
+_ENV = "MXMOE_GROUPED_MATMUL_IMPL"
+
+
+def _check_impl(impl: str, what: str = "impl") -> str:
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"{what}: {impl!r} is not one of {IMPLS}")
+    return impl
+
+
+def _make_mode_state():
+    """The current mode as a JAX config state (thread-local, in jit's cache key).
+
+    ``jax._src.config.enum_state`` is private API; where it is missing or has changed, a plain
+    context variable stands in (then an already-jitted function keeps the mode it was traced with).
+    """
+    default = _check_impl(os.environ.get(_ENV, "auto"), _ENV)
+    try:
+        from jax._src import config as jax_config
+
+        return jax_config.enum_state(
+            _ENV.lower(), list(IMPLS), default,
+            "mxmoe_jax.ops.grouped_matmul path: " + ", ".join(IMPLS),
+            include_in_jit_key=True, include_in_trace_context=True)
+    except (ImportError, AttributeError, TypeError):
+        import contextvars
+
+        return _FallbackState(contextvars.ContextVar(_ENV.lower(), default=default))
+
+
+class _FallbackState:
+    """``enum_state``'s interface (``.value``, call -> context, global set) on a ContextVar."""
+
+    def __init__(self, var):
+        self._var = var
+
+    @property
+    def value(self) -> str:
+        return self._var.get()
+
+    def set_global(self, mode: str) -> None:
+        self._var.set(mode)
+
+    @contextlib.contextmanager
+    def __call__(self, mode: str):
+        token = self._var.set(mode)
+        try:
+            yield
+        finally:
+            self._var.reset(token)
+
+
+_MODE = _make_mode_state()
+
+
+def get_kernel_mode() -> str:
+    """The current ``grouped_matmul`` path (one of ``IMPLS``)."""
+    return _MODE.value
+
+
+def set_kernel_mode(mode: str) -> None:
+    """Set the ``grouped_matmul`` path for the whole process (one of ``IMPLS``)."""
+    _check_impl(mode, "mode")
+    if isinstance(_MODE, _FallbackState):
+        _MODE.set_global(mode)
+    else:
+        jax.config.update(_ENV.lower(), mode)
+
+
+@contextlib.contextmanager
+def kernel_mode(mode: str):
+    """``with kernel_mode("interpret"): ...``: the ``grouped_matmul`` path inside the block."""
+    _check_impl(mode, "mode")
+    with _MODE(mode):
+        yield
 
 
 def _check(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> None:
@@ -86,14 +185,73 @@ def grouped_matmul_tiled(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
     return out[:m].astype(out_dtype)
 
 
+def _default_precision(precision) -> bool:
+    """True for no precision or DEFAULT (per operand too): the kernel's bf16 MMA is that."""
+    if precision is None:
+        return True
+    if isinstance(precision, tuple | list):
+        return all(_default_precision(p) for p in precision)
+    try:
+        return jax.lax.Precision(precision) == jax.lax.Precision.DEFAULT
+    except (ValueError, TypeError, KeyError):
+        return False
+
+
+def _kernel_applies(x: jax.Array, w: jax.Array, out_dtype, precision) -> bool:
+    """bf16/f16 x, default precision, an out_dtype the kernel stores, non-empty K, N and E."""
+    return (x.dtype in (jnp.bfloat16, jnp.float16) and _default_precision(precision)
+            and jnp.dtype(out_dtype) in (jnp.bfloat16, jnp.float16, jnp.float32)
+            and x.shape[1] > 0 and w.shape[2] > 0 and w.shape[0] > 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _kernel_matmul(x, w, group_sizes, out_dtype, interpret):
+    """The Pallas kernel (w already in x's dtype); its VJP is the reference's (module docstring)."""
+    from mxmoe_jax.kernels.pallas import grouped_gemm  # lazy: Pallas/Triton only when used
+
+    out_dtype = jnp.dtype(out_dtype)
+    if out_dtype == x.dtype:
+        return grouped_gemm.gmm(x, w, group_sizes, interpret=interpret)
+    return grouped_gemm.gmm(x, w, group_sizes, interpret=interpret, out_dtype=out_dtype)
+
+
+def _kernel_matmul_fwd(x, w, group_sizes, out_dtype, interpret):
+    return _kernel_matmul(x, w, group_sizes, out_dtype, interpret), (x, w, group_sizes)
+
+
+def _kernel_matmul_bwd(out_dtype, interpret, res, dy):
+    x, w, group_sizes = res
+    _, vjp = jax.vjp(
+        lambda a, b: grouped_matmul_reference(a, b, group_sizes, out_dtype=out_dtype), x, w)
+    dx, dw = vjp(dy)
+    return dx, dw, None  # None: integer group_sizes has no cotangent
+
+
+_kernel_matmul.defvjp(_kernel_matmul_fwd, _kernel_matmul_bwd)
+
+
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
-                   out_dtype=None, precision=None) -> jax.Array:
+                   out_dtype=None, precision=None, impl: str | None = None) -> jax.Array:
     """``x [M, K]`` rows grouped by expert times ``w [E, K, N]`` -> ``[M, N]``.
 
     ``group_sizes [E]`` int32 = rows per expert, in order; their sum may be < M (the tail rows
-    are padding and come out as zeros). On the CPU the tiled jnp version runs, elsewhere the
-    ragged_dot reference; GPU kernels plug in here.
+    are padding and come out as zeros). ``impl`` (one of ``IMPLS``; default: the current
+    ``kernel_mode``) picks the path, as the module docstring says.
     """
-    if jax.default_backend() == "cpu":
+    impl = get_kernel_mode() if impl is None else _check_impl(impl)
+    _check(x, w, group_sizes)
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    on_cpu = jax.default_backend() == "cpu"
+    if impl == "kernel" and on_cpu:
+        raise ValueError("impl: 'kernel' compiles the Pallas kernel for an NVIDIA GPU and this "
+                         "backend is the CPU; use 'interpret' to run the kernel body here")
+    if impl == "auto":
+        impl = "kernel" if jax.default_backend() == "gpu" else "tiled" if on_cpu else "reference"
+    if impl in ("kernel", "interpret"):
+        if _kernel_applies(x, w, out_dtype, precision):
+            w = w.astype(x.dtype) if w.dtype != x.dtype else w
+            return _kernel_matmul(x, w, group_sizes, jnp.dtype(out_dtype), impl == "interpret")
+        impl = "tiled" if on_cpu else "reference"  # f32 / explicit precision: the jnp path
+    if impl == "tiled":
         return grouped_matmul_tiled(x, w, group_sizes, out_dtype=out_dtype, precision=precision)
     return grouped_matmul_reference(x, w, group_sizes, out_dtype=out_dtype, precision=precision)
