@@ -209,9 +209,6 @@ def _kernel_matmul(x, w, group_sizes, out_dtype, interpret):
     """The Pallas kernel (w already in x's dtype); its VJP is the reference's (module docstring)."""
     from mxmoe_jax.kernels.pallas import grouped_gemm  # lazy: Pallas/Triton only when used
 
-    out_dtype = jnp.dtype(out_dtype)
-    if out_dtype == x.dtype:
-        return grouped_gemm.gmm(x, w, group_sizes, interpret=interpret)
     return grouped_gemm.gmm(x, w, group_sizes, interpret=interpret, out_dtype=out_dtype)
 
 
