@@ -13,6 +13,9 @@ the sum of the outputs w.r.t. all params and the input), from ``jax.profiler`` G
 It also checks the two paths against each other: the largest difference of the forward outputs
 relative to the largest reference output.
 
+The kernel path's backward is the reference's VJP (``mxmoe_jax.ops``), so forward + backward
+mostly times XLA's ragged_dot transposes on both paths (f32 GEMMs over every expert).
+
 Prints a table and writes ``bench/results/model_layer-<date>.json`` (date, device, JAX version,
 shape, rows). Needs an NVIDIA GPU: elsewhere it stops with an error (the kernel is Triton).
 """
