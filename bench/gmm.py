@@ -7,8 +7,9 @@ per scheme the kernel's device time from ``jax.profiler`` (``bench.timing``), a 
 fresh data with the output memory poisoned first (NaN buffer freed just before the call, so an
 unwritten tile shows as NaN), and the ratio to the floor ``max(weight bytes of active experts / 4.3
 TB/s, FLOPs / rate)`` with rate 790 TFLOP/s (bf16, weight-only) or 1580 TOP/s (int8, fp8). Peers:
-XLA ``lax.ragged_dot`` bf16 and torch ``_grouped_mm`` bf16 when importable (CUDA events). tokamax is
-not installed on the GPU machine.
+XLA ``lax.ragged_dot`` bf16, JAX's own Hopper Mosaic-GPU kernel
+``jax.experimental.pallas.ops.gpu.ragged_dot_mgpu`` (bf16, best of ``MOSAIC_CONFIGS``, jax.profiler)
+and torch ``_grouped_mm`` bf16 when importable (CUDA events). tokamax is not on the GPU machine.
 Writes ``gmm-<date>.json`` and ``gmm-<date>.png`` and prints a table.
 """
 
@@ -94,6 +95,42 @@ def _torch_grouped_mm(x_np_shape, e, k, n, gs):
         return None, f"{type(err).__name__}: {err}"[:200]
 
 
+# JAX's own Hopper kernel (Pallas Mosaic GPU, persistent, TMA pipeline): (block_m, block_n,
+# block_k, max_concurrent_steps, grid_block_n) configs tried, the best one is reported
+MOSAIC_CONFIGS = ((128, 128, 64, 4, 1), (64, 128, 64, 4, 1), (128, 256, 64, 3, 1))
+
+
+def _jax_mosaic_ragged_dot(x, w_bf16, gs, reps):
+    """Best device time of ``jax.experimental.pallas.ops.gpu.ragged_dot_mgpu`` or (None, why)."""
+    import jax
+
+    from bench.timing import device_time_us
+
+    try:
+        from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+    except ImportError as err:
+        return None, f"not importable: {err}"[:200]
+    if jax.devices()[0].device_kind.lower().find("h100") < 0 and \
+            jax.devices()[0].device_kind.lower().find("h200") < 0:
+        return None, "Hopper-only kernel"
+    best, notes = None, []
+    k, n = w_bf16.shape[1:]
+    for bm, bn, bk, steps, gbn in MOSAIC_CONFIGS:
+        if n % (bn * gbn) or k % bk:
+            continue
+        fn = jax.jit(lambda a, b, g, c=(bm, bn, bk, steps, gbn): ragged_dot_mgpu.ragged_dot(
+            a, b, group_sizes=g, block_m=c[0], block_n=c[1], block_k=c[2],
+            max_concurrent_steps=c[3], grid_block_n=c[4]))
+        try:
+            us = device_time_us(fn, x, w_bf16, gs, n=reps)
+        except Exception as err:  # noqa: BLE001 - a peer failing must not stop the benchmark
+            notes.append(f"{(bm, bn, bk, steps, gbn)}: {type(err).__name__}: {str(err)[:120]}")
+            continue
+        if best is None or us < best:
+            best = us
+    return best, ("; ".join(notes) or None)
+
+
 def run(models, tokens_list, schemes, *, reps: int = 20, sweep: bool = False,
         detail: bool = False, with_peers: bool = True, extra_tiles=(), log=print):
     import jax
@@ -136,12 +173,18 @@ def run(models, tokens_list, schemes, *, reps: int = 20, sweep: bool = False,
                 t_rd = device_time_us(rd, x, w_bf16, gs,
                                       n=max(3, reps // 4) if t > 4096 else reps)
                 t_torch, torch_note = _torch_grouped_mm((t, k), e, k, n, gs_np)
+                t_mosaic, mosaic_note = _jax_mosaic_ragged_dot(
+                    x, w_bf16, gs, max(3, reps // 4) if t > 4096 else reps)
+            else:
+                t_mosaic, mosaic_note = None, "not run (--no-peers)"
             bf16_floor = floor_us(active * k * n * 2, flops, False)
             peers.append(dict(model=model, tokens=tokens, rows=t, active_experts=active,
                               ragged_dot_us=t_rd, torch_grouped_mm_us=t_torch,
-                              torch_note=torch_note, floor_bf16_us=bf16_floor))
+                              torch_note=torch_note, mosaic_ragged_dot_us=t_mosaic,
+                              mosaic_note=mosaic_note, floor_bf16_us=bf16_floor))
             log(f"{model} tokens={tokens} T={t} active={active}/{e}: ragged_dot {_f(t_rd)} us, "
-                f"torch {_f(t_torch)} us, "
+                f"torch {_f(t_torch)} us, JAX Mosaic ragged_dot_mgpu {_f(t_mosaic)} us "
+                f"({mosaic_note or 'ok'}), "
                 f"bf16 floor {bf16_floor:.1f} us")
             for s_name in schemes:
                 s = QScheme.parse(s_name)
@@ -200,11 +243,9 @@ def run(models, tokens_list, schemes, *, reps: int = 20, sweep: bool = False,
 def _matching_tiles(entries, scheme, mpe):
     """Tiles of every ``--tiles`` entry (tile-table format) whose kind and bounds match."""
     from mxmoe_jax.kernels.pallas import TileConfig
-    from mxmoe_jax.kernels.pallas.tuning import kind_of
+    from mxmoe_jax.kernels.pallas.tuning import matches
 
-    return [TileConfig(**en["tile"]) for en in entries
-            if en["kind"] == kind_of(scheme) and en.get("min_m_per_expert", 0) <= mpe
-            <= en.get("max_m_per_expert", float("inf"))]
+    return [TileConfig(**en["tile"]) for en in entries if matches(en, scheme, mpe)]
 
 
 def _sweep_candidates(scheme, mpe):
@@ -265,6 +306,10 @@ def table(rows, peers) -> str:
         lines.append(f"| {p['model']} | {p['tokens']} | XLA ragged_dot bf16 | "
                      f"{_f(rd)} | {p['floor_bf16_us']:.1f} | "
                      f"{'' if rd is None else f'{rd / p['floor_bf16_us']:.2f}'} | | | |")
+        mo = p.get("mosaic_ragged_dot_us")
+        lines.append(f"| {p['model']} | {p['tokens']} | JAX Mosaic ragged_dot_mgpu bf16 | "
+                     f"{_f(mo)} | {p['floor_bf16_us']:.1f} | "
+                     f"{'' if mo is None else f'{mo / p['floor_bf16_us']:.2f}'} | | | |")
         lines.append(f"| {p['model']} | {p['tokens']} | torch _grouped_mm bf16 | "
                      f"{'n/a' if tt is None else f'{tt:.1f}'} | {p['floor_bf16_us']:.1f} | "
                      f"{'' if tt is None else f'{tt / p['floor_bf16_us']:.2f}'} | | | |")
@@ -291,6 +336,9 @@ def plot(result: dict, path: Path) -> None:
         ps = [p for p in result["peers"] if p["model"] == model]
         tok = [p["tokens"] for p in ps]
         ax.plot(tok, [p["ragged_dot_us"] or np.nan for p in ps], "k:", label="XLA ragged_dot")
+        if any(p.get("mosaic_ragged_dot_us") for p in ps):
+            ax.plot(tok, [p.get("mosaic_ragged_dot_us") or np.nan for p in ps], "k-.",
+                    label="JAX Mosaic ragged_dot_mgpu")
         if any(p["torch_grouped_mm_us"] for p in ps):
             ax.plot(tok, [p["torch_grouped_mm_us"] or np.nan for p in ps], "k--",
                     label="torch _grouped_mm")

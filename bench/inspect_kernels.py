@@ -1,26 +1,25 @@
-"""What the GPU machine's own compiler makes of our kernels: instruction mix, registers per kernel.
+"""What the compiled kernels do on the GPU: Nsight Compute counters per grouped-GEMM kernel.
 
-``python -m bench.inspect_kernels --out DIR [--cases NAME ...]`` compiles each case (one grouped
-GEMM of a Qwen1.5-MoE layer, ``bench.gmm`` shapes) with XLA's dump on, so the PTX that XLA's
-bundled Triton produced is written to ``DIR/dump``. It then splits the PTX per ``.entry``, counts
-the instruction classes that decide grouped-GEMM speed (``wgmma`` by operand type and operand
-source, ``mma.sync``, shared-memory loads/stores, ``ldmatrix``, ``cp.async``, TMA
-``cp.async.bulk``, converts, ``prmt``/``lop3``) and runs ``ptxas -v`` (when on PATH) for
-registers and spills. Writes ``DIR/kernels.json`` and prints a table.
+``python -m bench.inspect_kernels --out FILE [--cases NAME ...]`` runs each case (one grouped GEMM
+of a Qwen1.5-MoE layer, ``bench.gmm`` shapes and Zipf routing; the tile from the tuned table unless
+the case overrides it) under ``ncu --clock-control none`` and tabulates, per kernel: duration,
+registers per thread, achieved occupancy, tensor-pipe instructions by kind (``gmma`` = Hopper
+wgmma, ``hmma``/``imma`` = float/integer MMA; wgmma counts under both ``gmma`` and its type),
+shared-memory loads and stores, and SM / DRAM throughput. Writes the raw ncu text to ``FILE`` and
+prints a Markdown table. Needs ncu with hardware counters (Firecracker GPU machines).
 
-Offline compiles (pip Triton) are only a proxy: this reads what actually runs.
+(XLA keeps Triton kernels' PTX to itself in JAX 0.11: ``--xla_dump_to`` writes HLO and MLIR but no
+PTX, so the counters are how we see whether, e.g., FP8 dots reached wgmma.)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 # name: (scheme, tokens, tile overrides or None for tuning.choose_tile)
@@ -28,83 +27,25 @@ CASES = {
     "bf16-8192": ("w16a16", 8192, None),
     "bf16-32": ("w16a16", 32, None),
     "w4a16-32": ("w4a16_g128_asym", 32, None),
-    "w4a16-32-swap": ("w4a16_g128_asym", 32, dict(swap_ab=True)),
+    "w4a16-32-noswap": ("w4a16_g128_asym", 32, dict(swap_ab=False, split_k=16, num_stages=4)),
     "w8a8-8192": ("w8a8_g-1_sym", 8192, None),
     "fp8-8192": ("w8a8_g-1_fp8", 8192, None),
     "w4a4-8192": ("w4a4_g-1_sym", 8192, None),
-    "w4a4-8192-swap": ("w4a4_g-1_sym", 8192, dict(swap_ab=True)),
+    "w4a4-8192-noswap": ("w4a4_g-1_sym", 8192,
+                         dict(swap_ab=False, bm=128, bn=128, num_warps=8, num_stages=3)),
 }
-PATTERNS = {
-    "wgmma": r"wgmma\.mma_async\S*",
-    "mma.sync": r"mma\.sync\S*",
-    "ld.shared": r"ld\.shared\S*",
-    "st.shared": r"st\.shared\S*",
-    "ldmatrix": r"ldmatrix\S*",
-    "cp.async": r"cp\.async\.c[ag]\S*",
-    "tma": r"cp\.async\.bulk\S*",
-    "cvt": r"cvt\.\S*",
-    "prmt": r"prmt\.\S*",
-    "lop3": r"lop3\.\S*",
-    "bar": r"bar\.sync|barrier\.sync\S*",
+METRICS = {
+    "us": "gpu__time_duration.sum",
+    "regs": "launch__registers_per_thread",
+    "occupancy %": "sm__warps_active.avg.pct_of_peak_sustained_active",
+    "gmma": "sm__inst_executed_pipe_tensor_op_gmma.sum",
+    "hmma": "sm__inst_executed_pipe_tensor_op_hmma.sum",
+    "imma": "sm__inst_executed_pipe_tensor_op_imma.sum",
+    "lds": "smsp__inst_executed_op_shared_ld.sum",
+    "sts": "smsp__inst_executed_op_shared_st.sum",
+    "SM %": "sm__throughput.avg.pct_of_peak_sustained_elapsed",
+    "DRAM %": "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed",
 }
-
-
-def split_entries(ptx: str) -> dict[str, str]:
-    """``{kernel name: body}`` of every ``.entry`` in a PTX module."""
-    out = {}
-    for m in re.finditer(r"\.entry\s+(\w+)\s*\(", ptx):
-        start = m.start()
-        nxt = ptx.find(".entry", m.end())
-        out[m.group(1)] = ptx[start: nxt if nxt != -1 else len(ptx)]
-    return out
-
-
-def count(body: str) -> dict:
-    res = {}
-    for key, pat in PATTERNS.items():
-        found = re.findall(pat, body)
-        res[key] = len(found)
-        if key in ("wgmma", "mma.sync", "cvt") and found:
-            kinds: dict[str, int] = {}
-            for f in found:
-                kinds[f] = kinds.get(f, 0) + 1
-            res[key + "_kinds"] = kinds
-    # wgmma whose A operand is a register list (``{d}, {a}, desc_b``), not a smem descriptor
-    a_regs = 0
-    for line in re.findall(r"wgmma\.mma_async[^;]*;", body, flags=re.S):
-        a_regs += line.count("{") >= 2
-    res["wgmma_a_from_registers"] = a_regs
-    return res
-
-
-def ptxas_registers(ptx_path: Path) -> dict[str, dict]:
-    """``{kernel: {"regs": n, "spill_stores": b, "spill_loads": b}}`` from ``ptxas -v``."""
-    ptxas = shutil.which("ptxas")
-    if ptxas is None:
-        return {}
-    text = ptx_path.read_text()
-    target = re.search(r"\.target\s+(\w+)", text)
-    arch = target.group(1) if target else "sm_90a"
-    with tempfile.TemporaryDirectory() as tmp:
-        r = subprocess.run([ptxas, f"-arch={arch}", "-v", str(ptx_path), "-o",
-                            os.path.join(tmp, "k.cubin")], capture_output=True, text=True,
-                           timeout=300)
-    out, cur = {}, None
-    for line in (r.stdout + r.stderr).splitlines():
-        m = re.search(r"Compiling entry function '(\w+)'", line) or \
-            re.search(r"Function properties for (\w+)", line)
-        if m:
-            cur = m.group(1)
-            out.setdefault(cur, {})
-        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m and cur:
-            out[cur]["spill_stores"], out[cur]["spill_loads"] = int(m.group(1)), int(m.group(2))
-        m = re.search(r"Used (\d+) registers", line)
-        if m and cur:
-            out[cur]["regs"] = int(m.group(1))
-    if r.returncode and not out:
-        out["_error"] = {"ptxas": (r.stderr or r.stdout)[-300:]}
-    return out
 
 
 def compile_cases(names: list[str]) -> dict[str, str]:
@@ -140,44 +81,54 @@ def compile_cases(names: list[str]) -> dict[str, str]:
     return tiles
 
 
+def parse(text: str) -> list[dict]:
+    """One dict per profiled kernel: name plus the ``METRICS`` values found in ncu's text."""
+    rows, cur = [], None
+    by_metric = {v: k for k, v in METRICS.items()}
+    for line in text.splitlines():
+        m = re.match(r"\s+(gmm_\w+) \(", line)
+        if m:
+            cur = {"kernel": m.group(1)}
+            rows.append(cur)
+            continue
+        parts = line.split()
+        if cur is not None and len(parts) >= 2 and parts[0] in by_metric:
+            cur[by_metric[parts[0]]] = parts[-1].replace(",", "")
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.inspect_kernels",
                                 description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="file for ncu's raw output")
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--run-cases", action="store_true", help=argparse.SUPPRESS)  # ncu's child
     args = p.parse_args(argv)
-    dump = args.out / "dump"
-    dump.mkdir(parents=True, exist_ok=True)
-    # must be set before JAX initialises its GPU client
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}").strip()
-    import jax
-
-    if jax.devices()[0].platform != "gpu":
-        raise SystemExit("inspect_kernels: needs an NVIDIA GPU (it reads XLA's compiled Triton)")
-    tiles = compile_cases(args.cases)
-    kernels = {}
-    for ptx_path in sorted(dump.glob("*.ptx")):
-        entries = {k: v for k, v in split_entries(ptx_path.read_text()).items() if "gmm_" in k}
-        if not entries:
-            continue
-        regs = ptxas_registers(ptx_path)
-        for name, body in entries.items():
-            kernels[f"{ptx_path.name}:{name}"] = dict(kernel=name, module=ptx_path.name,
-                                                      **count(body), **regs.get(name, {}))
-    result = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, tiles=tiles,
-                  kernels=kernels)
-    tmp = args.out / "kernels.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, args.out / "kernels.json")
-    cols = ["regs", "wgmma", "wgmma_a_from_registers", "mma.sync", "ld.shared", "st.shared",
-            "ldmatrix", "cp.async", "tma", "cvt", "prmt", "lop3"]
-    print("| kernel | module | " + " | ".join(cols) + " |")
-    for v in kernels.values():
-        print(f"| {v['kernel']} | {v['module'][:40]} | "
-              + " | ".join(str(v.get(c, "")) for c in cols) + " |")
-    for v in kernels.values():
-        kinds = {k: v[k] for k in ("wgmma_kinds", "mma.sync_kinds") if k in v}
-        print(v["kernel"], json.dumps(kinds))
+    if args.run_cases:
+        compile_cases(args.cases)
+        return 0
+    ncu = shutil.which("ncu")
+    if ncu is None:
+        raise SystemExit("inspect_kernels: needs Nsight Compute (ncu) on PATH and a GPU")
+    cmd = [ncu, "--clock-control", "none", "--target-processes", "all", "-k", "regex:gmm_w",
+           "--metrics", ",".join(METRICS.values()),
+           sys.executable, "-m", "bench.inspect_kernels", "--out", str(args.out), "--run-cases",
+           "--cases", *args.cases]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    text = r.stdout + r.stderr
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text("# " + " ".join(cmd[:-len(args.cases) - 3]) + " ...\n" + text)
+    os.replace(tmp, args.out)
+    rows = parse(text)
+    if r.returncode or not rows:
+        print(text[-2000:])
+        raise SystemExit(f"inspect_kernels: ncu exited {r.returncode} with {len(rows)} kernels")
+    cols = list(METRICS)
+    print("| case | kernel | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 2) + "|")
+    for case, row in zip(args.cases, rows, strict=False):
+        print(f"| {case} | {row['kernel']} | " + " | ".join(row.get(c, "") for c in cols) + " |")
     return 0
 
 

@@ -14,10 +14,28 @@ both FP8; if JAX's internals change it does nothing (the kernels stay correct, F
 
 from __future__ import annotations
 
+import os
+
 import jax.numpy as jnp
 from jax import lax
 
 IMPRECISE_ACC = 128  # K elements accumulated inside the FP8 MMA between f32 promotions
+# override (read when a kernel is lowered): MXMOE_FP8_IMPRECISE_ACC=<K elements>
+ENV = "MXMOE_FP8_IMPRECISE_ACC"
+
+
+def imprecise_acc() -> int:
+    """K elements per f32 promotion of FP8 wgmma accumulators (``ENV`` overrides the default)."""
+    raw = os.environ.get(ENV)
+    if raw is None:
+        return IMPRECISE_ACC
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{ENV}={raw!r}: expected a positive integer") from None
+    if value < 32:
+        raise ValueError(f"{ENV}={value}: must be >= 32 (Triton needs it for FP8 wgmma)")
+    return value
 _FP8 = (jnp.float8_e4m3fn, jnp.float8_e5m2)
 
 
@@ -42,7 +60,7 @@ def install() -> bool:
             op = getattr(op, "operation", op)  # OpView -> Operation
             if getattr(op, "name", "") == "tt.dot":
                 op.attributes["maxNumImpreciseAcc"] = ir.IntegerAttr.get(
-                    ir.IntegerType.get_signless(32), IMPRECISE_ACC)
+                    ir.IntegerType.get_signless(32), imprecise_acc())
         return out
 
     rule._mxmoe_fp8 = True

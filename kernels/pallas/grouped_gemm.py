@@ -242,6 +242,29 @@ def _orient(bm: int, bn: int, swap: bool):
     return (bm, bn), (lambda v: v[:, None]), (lambda v: v[None, :])
 
 
+def _load(ref, mask, other):
+    """``plgpu.load`` with an optional mask (``other`` only applies under a mask)."""
+    if mask is None:
+        return plgpu.load(ref)
+    return plgpu.load(ref, mask=mask, other=other)
+
+
+def _mask2(rows, cols):
+    """``rows[:, None] & cols[None, :]`` where either may be None (statically all true).
+
+    Dropping a mask that is all true along the contiguous axis matters: Triton vectorizes a
+    load only as far as it can prove the mask constant, so a K mask on K-contiguous data turns
+    16-byte copies into 8-byte (or narrower) ones.
+    """
+    if rows is None and cols is None:
+        return None
+    if rows is None:
+        return cols[None, :]
+    if cols is None:
+        return rows[:, None]
+    return rows[:, None] & cols[None, :]
+
+
 def _decode_pid(n_blocks: int, splits: int):
     pid = pl.program_id(0)
     s = pid % splits
@@ -265,9 +288,13 @@ def _gmm_wonly_kernel(
     # outputs
     o_ref,
     *, scheme: QScheme, cfg: TileConfig, k: int, n: int, e: int, n_blocks: int, steps: int,
-    step_k: int, interpret: bool,
+    step_k: int, k_exact: bool, n_exact: bool, interpret: bool,
 ):
-    """bf16/f16 and weight-only (w8/w4/w3/w2 a16) body; see the module docstring."""
+    """bf16/f16 and weight-only (w8/w4/w3/w2 a16) body; see the module docstring.
+
+    ``k_exact``: every step of every split lies inside K (no K masks); ``n_exact``: N is a
+    multiple of ``bn`` (no column masks on loads).
+    """
     t, j, s = _decode_pid(n_blocks, cfg.split_k)
     ex = tile_expert_ref[t]
     r0 = tile_row0_ref[t]
@@ -280,6 +307,7 @@ def _gmm_wonly_kernel(
         rows_ok = (r0 + jnp.arange(bm)) < r1
         cols = n0 + jnp.arange(bn)
         cols_ok = cols < n
+        cols_ld = None if n_exact else cols_ok  # column mask of loads
         el = jnp.minimum(ex, e - 1)  # pseudo-expert E (zero rows) loads expert E-1, then zeroes
         quant = scheme.w_bits != 16
         bits = packing.storage_bits(scheme) if quant else 16
@@ -293,31 +321,28 @@ def _gmm_wonly_kernel(
         acc_shape, row, col = _orient(bm, bn, swap)
 
         def load_x(k0):
-            ks = k0 + jnp.arange(sub)
-            return plgpu.load(x_ref.at[pl.ds(r0, bm), pl.ds(k0, sub)],
-                              mask=rows_ok[:, None] & (ks < k)[None, :], other=0.0)
+            ks = None if k_exact else (k0 + jnp.arange(sub)) < k
+            return _load(x_ref.at[pl.ds(r0, bm), pl.ds(k0, sub)], _mask2(rows_ok, ks), 0.0)
 
         def load_vec(ref, g):
-            return plgpu.load(ref.at[el, jnp.int32(g), pl.ds(n0, bn)], mask=cols_ok,
-                              other=0.0).astype(jnp.float32)
+            return _load(ref.at[el, jnp.int32(g), pl.ds(n0, bn)], cols_ld, 0.0).astype(jnp.float32)
 
         def load_packed(i):
             """Packed codes ``[bn, sub]`` (K-major) of step ``i`` of this split."""
             step = s * steps + i
-            kcols = step * sub + jnp.arange(sub)  # packed bytes along K of this step
-            ok = kcols < w_ref.shape[2]
-            return plgpu.load(w_ref.at[el, pl.ds(n0, bn), pl.ds(step * sub, sub)],
-                              mask=cols_ok[:, None] & ok[None, :], other=0)
+            # packed bytes along K of this step
+            ok = None if k_exact else (step * sub + jnp.arange(sub)) < w_ref.shape[2]
+            return _load(w_ref.at[el, pl.ds(n0, bn), pl.ds(step * sub, sub)],
+                         _mask2(cols_ld, ok), 0)
 
         def body(i, carry):
             acc, rs = carry
             step = s * steps + i
             k0 = step * step_k
             if not quant:
-                ks = k0 + jnp.arange(step_k)
+                ks = None if k_exact else (k0 + jnp.arange(step_k)) < k
                 xa = load_x(k0)
-                wb = plgpu.load(w_ref.at[el, pl.ds(k0, step_k), pl.ds(n0, bn)],
-                                mask=(ks < k)[:, None] & cols_ok[None, :], other=0.0)
+                wb = _load(w_ref.at[el, pl.ds(k0, step_k), pl.ds(n0, bn)], _mask2(ks, cols_ld), 0.0)
                 if swap:
                     return acc + _dot(wb.astype(xa.dtype).T, xa, trans_b=True), rs
                 return acc + _dot(xa, wb.astype(xa.dtype)), rs
@@ -364,7 +389,7 @@ def _gmm_wa_kernel(
     # outputs
     o_ref,
     *, scheme: QScheme, cfg: TileConfig, k: int, n: int, e: int, n_blocks: int, steps: int,
-    step_k: int, interpret: bool,
+    step_k: int, k_exact: bool, n_exact: bool, interpret: bool,
 ):
     """Weight-activation body (int8 MMA for w8a8/w4a8/w4a4, fp8 MMA for e4m3)."""
     t, j, s = _decode_pid(n_blocks, cfg.split_k)
@@ -378,6 +403,7 @@ def _gmm_wa_kernel(
     def _():
         rows_ok = (r0 + jnp.arange(bm)) < r1
         cols_ok = (n0 + jnp.arange(bn)) < n
+        cols_ld = None if n_exact else cols_ok
         el = jnp.minimum(ex, e - 1)
         bits = packing.storage_bits(scheme)
         v = 8 // bits
@@ -394,9 +420,9 @@ def _gmm_wa_kernel(
 
         def load_packed(i):
             step = s * steps + i
-            cols_p = step * sub + jnp.arange(sub)
-            return plgpu.load(w_ref.at[el, pl.ds(n0, bn), pl.ds(step * sub, sub)],
-                              mask=cols_ok[:, None] & (cols_p < kw)[None, :], other=other)
+            ok = None if k_exact else (step * sub + jnp.arange(sub)) < kw
+            return _load(w_ref.at[el, pl.ds(n0, bn), pl.ds(step * sub, sub)],
+                         _mask2(cols_ld, ok), other)
 
         def body(i, acc):
             step = s * steps + i
@@ -404,9 +430,9 @@ def _gmm_wa_kernel(
             p = load_packed(i)
             part = jnp.zeros(acc_shape, part_dtype)
             for jj in range(v):
-                ks = k0 + jj * sub + jnp.arange(sub)
-                xa = plgpu.load(xq_ref.at[pl.ds(r0, bm), pl.ds(k0 + jj * sub, sub)],
-                                mask=rows_ok[:, None] & (ks < k)[None, :], other=other)
+                ks = None if k_exact else (k0 + jj * sub + jnp.arange(sub)) < k
+                xa = _load(xq_ref.at[pl.ds(r0, bm), pl.ds(k0 + jj * sub, sub)],
+                           _mask2(rows_ok, ks), other)
                 if scheme.fp8:
                     if not fp8_direct:
                         xa = lax.bitcast_convert_type(xa, jnp.float8_e4m3fn)
@@ -419,16 +445,15 @@ def _gmm_wa_kernel(
             if grouped:
                 g = jnp.minimum(k0 // scheme.group_size, ws_ref.shape[1] - 1)
                 xsc = plgpu.load(xs_ref.at[pl.ds(r0, bm), g], mask=rows_ok, other=0.0)
-                wsc = plgpu.load(ws_ref.at[el, g, pl.ds(n0, bn)], mask=cols_ok,
-                                 other=0.0).astype(jnp.float32)
+                wsc = _load(ws_ref.at[el, g, pl.ds(n0, bn)], cols_ld, 0.0).astype(jnp.float32)
                 return acc + part.astype(jnp.float32) * row(xsc) * col(wsc)
             return acc + part.astype(acc_dtype)
 
         acc = lax.fori_loop(0, steps, body, jnp.zeros(acc_shape, acc_dtype))
         if not grouped:
             xsc = plgpu.load(xs_ref.at[pl.ds(r0, bm), jnp.int32(0)], mask=rows_ok, other=0.0)
-            wsc = plgpu.load(ws_ref.at[el, jnp.int32(0), pl.ds(n0, bn)], mask=cols_ok,
-                             other=0.0).astype(jnp.float32)
+            wsc = _load(ws_ref.at[el, jnp.int32(0), pl.ds(n0, bn)], cols_ld,
+                        0.0).astype(jnp.float32)
             acc = acc.astype(jnp.float32) * row(xsc) * col(wsc)
         if swap:
             acc = acc.T
@@ -509,6 +534,12 @@ def _check_scheme(scheme: QScheme):
             f"{scheme.group_size} ({scheme.name}); use impl='reference'")
 
 
+def _exact(k: int, kp: int, n: int, step_k: int, total_steps: int, cfg: TileConfig) -> dict:
+    """Static facts that let the kernels drop K and column masks (see ``_mask2``)."""
+    return dict(k_exact=k == kp and k % step_k == 0 and total_steps % cfg.split_k == 0,
+                n_exact=n % cfg.bn == 0)
+
+
 def _launch(kernel, args, *, out_m, n, cfg, n_tiles, n_blocks, out_dtype, interpret, name):
     splits = cfg.split_k
     shape = (splits, out_m, n) if splits > 1 else (out_m, n)
@@ -540,7 +571,8 @@ def _gmm_wonly(x, w, scale, offset, group_sizes, *, scheme, cfg, interpret, out_
     tiles = tile_table(group_sizes, m, cfg.bm, interpret=interpret)
     kernel = functools.partial(
         _gmm_wonly_kernel, scheme=scheme, cfg=cfg, k=k, n=n, e=e, n_blocks=n_blocks,
-        steps=steps, step_k=step_k, interpret=interpret)
+        steps=steps, step_k=step_k, interpret=interpret,
+        **_exact(k, kp, n, step_k, total_steps, cfg))
     if offset is None:
         kernel = _drop_arg(kernel, 6)
         args = (*tiles, x, w, scale)
@@ -567,7 +599,8 @@ def _gmm_wa(xq, xs, w, ws, group_sizes, *, scheme, cfg, interpret, out_dtype):
     tiles = tile_table(group_sizes, m, cfg.bm, interpret=interpret)
     kernel = functools.partial(
         _gmm_wa_kernel, scheme=scheme, cfg=cfg, k=k, n=n, e=e, n_blocks=n_blocks,
-        steps=steps, step_k=step_k, interpret=interpret)
+        steps=steps, step_k=step_k, interpret=interpret,
+        **_exact(k, kp, n, step_k, total_steps, cfg))
     return _launch(kernel, (*tiles, xq, xs, w, ws), out_m=m, n=n, cfg=cfg,
                    n_tiles=tiles[0].shape[0], n_blocks=n_blocks, out_dtype=out_dtype,
                    interpret=interpret, name=f"gmm_{scheme.name}")

@@ -2,8 +2,9 @@
 
 ``choose_tile(scheme, m, e, n, k, device)`` looks up ``tiles/<device>.json`` (device name with
 spaces as underscores, lower case, e.g. ``nvidia_h200.json``): a list of entries
-``{"kind": ..., "max_m_per_expert": ..., "min_m_per_expert": ..., "tile": {...}}`` (TileConfig
-fields) tried in order; the first whose kind matches and whose bounds hold wins. Kinds: ``bf16``,
+``{"kind": ..., "w_bits": ..., "max_m_per_expert": ..., "min_m_per_expert": ..., "tile": {...}}``
+(TileConfig fields; ``w_bits`` and the bounds optional) tried in order; the first whose kind (and
+weight bits) match and whose bounds hold wins. Kinds: ``bf16``,
 ``wonly`` (weight-only sub-byte and w8), ``int`` (w8a8/w4a8/w4a4), ``fp8``. Without a table entry a
 heuristic applies: one 16-row tile and split-K up to ~4 programs per SM for decode-size groups,
 64 or 128-row tiles without split-K for large groups. ``split_k`` from the table is a maximum:
@@ -49,6 +50,14 @@ def load_table(device: str) -> tuple[dict, ...]:
     return tuple(json.loads(path.read_text())["entries"])
 
 
+def matches(entry: dict, scheme: QScheme, mpe: float) -> bool:
+    """Whether a table entry applies: kind, optional ``w_bits``, and the rows-per-expert bounds."""
+    return (entry["kind"] == kind_of(scheme)
+            and entry.get("w_bits", scheme.w_bits) == scheme.w_bits
+            and entry.get("min_m_per_expert", 0) <= mpe <= entry.get("max_m_per_expert",
+                                                                     float("inf")))
+
+
 def _heuristic(kind: str, mpe: float) -> TileConfig:
     if mpe <= 16:
         return TileConfig(bm=16, bn=128 if kind != "bf16" else 64, bk=128, split_k=8,
@@ -76,17 +85,16 @@ def choose_tile(scheme: QScheme, *, m: int, e: int, n: int, k: int,
     device = device or device_name()
     tile = None
     for entry in load_table(device):
-        if (entry["kind"] == kind and mpe <= entry.get("max_m_per_expert", float("inf"))
-                and mpe >= entry.get("min_m_per_expert", 0)):
+        if matches(entry, scheme, mpe):
             tile = TileConfig(**entry["tile"])
             break
     if tile is None:
         tile = _heuristic(kind, mpe)
     steps = _steps(scheme, tile, k)
     if kind == "wonly":
-        # weight-only codes stream through registers and are latency-bound: the most programs
-        # measured fastest (split 16 at Qwen1.5 decode: 95 us vs 107 us at split 4), down to
-        # one K step per split
+        # weight-only codes stream through registers: the table's split is used as is (H200,
+        # Qwen1.5 decode: split 4 with swap_ab 84 us; split 16 without 96 us), down to one K
+        # step per split
         return dataclasses.replace(tile, split_k=max(1, min(tile.split_k, steps)))
     # others: keep >= 2 K steps per split, and stop splitting at ~16 programs per SM
     split = max(1, min(tile.split_k, steps // 2))

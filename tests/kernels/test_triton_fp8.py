@@ -47,4 +47,15 @@ def test_fp8_dot_gets_imprecise_acc_attribute(monkeypatch):
     except ValueError:
         pass  # export refuses the Triton custom call after lowering; the IR was captured
     assert captured, "the Triton lowering did not run"
-    assert f"maxNumImpreciseAcc = {_triton_fp8.IMPRECISE_ACC}" in captured[0]
+    assert f"maxNumImpreciseAcc = {_triton_fp8.imprecise_acc()}" in captured[0]
+
+
+def test_imprecise_acc_override(monkeypatch):
+    monkeypatch.delenv(_triton_fp8.ENV, raising=False)
+    assert _triton_fp8.imprecise_acc() == _triton_fp8.IMPRECISE_ACC
+    monkeypatch.setenv(_triton_fp8.ENV, "1073741824")
+    assert _triton_fp8.imprecise_acc() == 1 << 30
+    for bad in ("abc", "16"):
+        monkeypatch.setenv(_triton_fp8.ENV, bad)
+        with pytest.raises(ValueError, match=_triton_fp8.ENV):
+            _triton_fp8.imprecise_acc()
