@@ -93,7 +93,7 @@ def choose_tile(scheme: QScheme, *, m: int, e: int, n: int, k: int,
     steps = _steps(scheme, tile, k)
     if kind == "wonly":
         # weight-only codes stream through registers: the table's split is used as is (H200,
-        # Qwen1.5 decode: split 4 with swap_ab 84 us; split 16 without 96 us), down to one K
+        # Qwen1.5 decode: split 2 with swap_ab 80 us; split 16 without 96 us), down to one K
         # step per split
         return dataclasses.replace(tile, split_k=max(1, min(tile.split_k, steps)))
     # others: keep >= 2 K steps per split, and stop splitting at ~16 programs per SM
