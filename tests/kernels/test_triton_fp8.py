@@ -59,3 +59,46 @@ def test_imprecise_acc_override(monkeypatch):
         monkeypatch.setenv(_triton_fp8.ENV, bad)
         with pytest.raises(ValueError, match=_triton_fp8.ENV):
             _triton_fp8.imprecise_acc()
+
+
+def test_fp8_dot_accumulates_in_place(monkeypatch):
+    """``acc + dot(a, b)`` in a K loop becomes ``tt.dot(a, b, acc)`` (no per-step add)."""
+    reg = pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
+    if not _triton_fp8.ACTIVE:
+        pytest.skip("JAX's Pallas-Triton internals changed: the FP8 patch is inactive")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from jax.experimental.pallas import triton as plgpu
+    captured = []
+    orig = reg.lowering.lower_jaxpr_to_triton_module
+
+    def capture(*args, **kwargs):
+        result = orig(*args, **kwargs)
+        captured.append(result.module.operation.get_asm())
+        return result
+
+    monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info",
+                        lambda *a, **k: types.SimpleNamespace(compute_capability=90))
+    monkeypatch.setattr(reg.lowering, "lower_jaxpr_to_triton_module", capture)
+
+    def kernel(x_ref, w_ref, o_ref):
+        def body(i, acc):
+            xa = x_ref[:, pl.ds(i * 32, 32)]
+            wb = w_ref[:, pl.ds(i * 32, 32)]
+            return acc + jax.lax.dot_general(xa, wb, (((1,), (1,)), ((), ())),
+                                             preferred_element_type=jnp.float32)
+
+        o_ref[...] = jax.lax.fori_loop(0, 4, body, jnp.zeros((64, 64), jnp.float32))
+
+    f = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((64, 64), jnp.float32),
+                       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1))
+    x = jax.ShapeDtypeStruct((64, 128), jnp.float8_e4m3fn)
+    try:
+        jax.export.export(jax.jit(f), platforms=["cuda"])(x, x)
+    except ValueError:
+        pass
+    assert captured, "the Triton lowering did not run"
+    dots = [ln for ln in captured[0].splitlines() if "tt.dot" in ln]
+    # the folded dot takes the loop's carried accumulator (a block argument) as its third operand
+    assert any(ln.split("tt.dot")[1].split(",")[2].strip().startswith("%arg") for ln in dots), dots
+    assert not any("arith.addf" in ln and "64x64xf32" in ln for ln in captured[0].splitlines())
