@@ -265,11 +265,18 @@ def _mask2(rows, cols):
     return rows[:, None] & cols[None, :]
 
 
-def _decode_pid(n_blocks: int, splits: int):
+def _decode_pid(n_blocks: int, splits: int, n_tiles: int, group_m: int):
+    """Program id -> (tile, column block, split): split fastest, then see ``TileConfig.group_m``."""
     pid = pl.program_id(0)
     s = pid % splits
     rest = pid // splits
-    return rest // n_blocks, rest % n_blocks, s
+    if group_m == 1:
+        return rest // n_blocks, rest % n_blocks, s
+    per_group = group_m * n_blocks
+    first = (rest // per_group) * group_m
+    size = jnp.minimum(n_tiles - first, group_m)  # the last group may be short
+    within = rest % per_group
+    return first + within % size, within // size, s
 
 
 def _store(o_ref, acc, s, r0, rows_ok, n0, bn, cols_ok, splits):
@@ -295,7 +302,7 @@ def _gmm_wonly_kernel(
     ``k_exact``: every step of every split lies inside K (no K masks); ``n_exact``: N is a
     multiple of ``bn`` (no column masks on loads).
     """
-    t, j, s = _decode_pid(n_blocks, cfg.split_k)
+    t, j, s = _decode_pid(n_blocks, cfg.split_k, tile_expert_ref.shape[0], cfg.group_m)
     ex = tile_expert_ref[t]
     r0 = tile_row0_ref[t]
     r1 = tile_row1_ref[t]
@@ -392,7 +399,7 @@ def _gmm_wa_kernel(
     step_k: int, k_exact: bool, n_exact: bool, interpret: bool,
 ):
     """Weight-activation body (int8 MMA for w8a8/w4a8/w4a4, fp8 MMA for e4m3)."""
-    t, j, s = _decode_pid(n_blocks, cfg.split_k)
+    t, j, s = _decode_pid(n_blocks, cfg.split_k, tile_expert_ref.shape[0], cfg.group_m)
     ex = tile_expert_ref[t]
     r0 = tile_row0_ref[t]
     r1 = tile_row1_ref[t]

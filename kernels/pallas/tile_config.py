@@ -18,6 +18,9 @@ class TileConfig:
     # compute out^T = W^T x^T: the weight tile is the MMA's left operand (on Hopper a wgmma
     # operand that may come from registers, so unpacked codes skip the shared-memory round trip)
     swap_ab: bool = False
+    # program order: tiles are taken ``group_m`` at a time, and within a group the tile index runs
+    # fastest, so each weight column block is read once per group (1: column blocks fastest)
+    group_m: int = 1
 
     def __post_init__(self):
         for name in ("bm", "bn", "bk"):
@@ -28,6 +31,8 @@ class TileConfig:
             raise ValueError(f"split_k: {self.split_k} must be >= 1")
         if self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
             raise ValueError(f"num_warps: {self.num_warps} must be a power of two")
+        if self.group_m < 1:
+            raise ValueError(f"group_m: {self.group_m} must be >= 1")
         if self.num_stages < 1:
             raise ValueError(f"num_stages: {self.num_stages} must be >= 1")
 

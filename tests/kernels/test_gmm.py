@@ -226,3 +226,16 @@ def test_dequant_first_path(name, k, interpret):
     p = packing.pack(quantize_rtn(w, name))
     out = gmm(x, p, gs, tile=SMALL, tile_bf16=SMALL, dequant_first=True, interpret=interpret)
     assert _rel(out, grouped_matmul_reference(x, p, gs)) < TOL[jnp.bfloat16]
+
+
+# group_m: tiles taken 3 at a time with the tile index fastest (the last group is short)
+GROUPED = TileConfig(bm=16, bn=32, bk=32, split_k=2, num_warps=4, num_stages=2, group_m=3)
+
+
+@pytest.mark.parametrize("name", ["w16a16", "w4a16_g128_asym", "w8a8_g-1_sym"])
+def test_group_m_order(name, interpret):
+    x, w, gs = _data("mixed", 384, 72, seed=21)
+    p = w.astype(jnp.bfloat16) if name == "w16a16" else packing.pack(quantize_rtn(w, name))
+    out = gmm(x, p, gs, tile=GROUPED, interpret=interpret)
+    tol = TOL[jnp.bfloat16] if QScheme.parse(name).weight_only else 2e-2
+    assert _rel(out, grouped_matmul_reference(x, p, gs)) < tol
