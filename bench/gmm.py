@@ -97,7 +97,7 @@ def _torch_grouped_mm(x_np_shape, e, k, n, gs):
 
 # JAX's own Hopper kernel (Pallas Mosaic GPU, persistent, TMA pipeline): (block_m, block_n,
 # block_k, max_concurrent_steps, grid_block_n) configs tried, the best one is reported
-MOSAIC_CONFIGS = ((128, 128, 64, 4, 1), (64, 128, 64, 4, 1), (128, 256, 64, 3, 1))
+MOSAIC_CONFIGS = ((128, 128, 64, 4, 1), (64, 128, 64, 4, 1))
 
 
 def _jax_mosaic_ragged_dot(x, w_bf16, gs, reps):

@@ -90,6 +90,11 @@ def choose_tile(scheme: QScheme, *, m: int, e: int, n: int, k: int,
             break
     if tile is None:
         tile = _heuristic(kind, mpe)
+    if tile.group_m == 1 and -(-n // tile.bn) > GROUP_M_MIN_BLOCKS and mpe >= tile.bm:
+        # many column blocks: with column blocks fastest, each m-tile streams the whole expert
+        # (H200, Mixtral 8192 tokens, N/bn = 224: group_m 16 took bf16 8748 -> 7689 us, w8a8
+        # 4139 -> 3603; Qwen1.5, N/bn = 22: no gain, 781 vs 795 us)
+        tile = dataclasses.replace(tile, group_m=16)
     steps = _steps(scheme, tile, k)
     if kind == "wonly":
         # weight-only codes stream through registers: the table's split is used as is (H200,
@@ -105,6 +110,8 @@ def choose_tile(scheme: QScheme, *, m: int, e: int, n: int, k: int,
         split //= 2
     return dataclasses.replace(tile, split_k=split)
 
+
+GROUP_M_MIN_BLOCKS = 64  # column blocks beyond which tiles are grouped (TileConfig.group_m)
 
 # weight-only schemes dequantize first (one pass, then the bf16 kernel) from this many routed
 # rows per expert on; measured on the H200 (bench/NOTES.md), a heuristic elsewhere
