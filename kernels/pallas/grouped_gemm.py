@@ -15,7 +15,16 @@ expert, first row, end row) padded to a static bound ``M // bm + E + 1``; paddin
 MxMoE paper's greedy order), and rows past ``sum(group_sizes)`` get tiles of the pseudo-expert ``E``
 that store zeros, so every output row is written by the kernel (no memset pass). The grid is
 one-dimensional; program ``p`` decodes to (split fastest, then column block, then tile), so the
-programs in flight at one time share one expert's weight columns in L2.
+programs in flight at one time share one expert's weight columns in L2. With ``group_m > 1``
+tiles are taken ``group_m`` at a time and the tile index runs fastest within a group, so each
+weight column block is read once per group (for very wide N, e.g. Mixtral's 28672, where one
+tile's column blocks alone would stream the whole expert).
+
+Operand order. By default the MMA computes ``x_tile @ W_tile``. ``swap_ab`` computes the transpose,
+``W_tile^T @ x_tile^T``, so the weight tile is the left operand: on Hopper a wgmma's left operand
+may come from registers, so codes unpacked in registers feed the tensor cores directly instead of
+taking a register -> shared-memory round trip (w4a4: no shared stores left; 872 -> 647 us on the
+H200, bench/NOTES.md). The accumulator is then ``[bn, bm]`` and is transposed once at the end.
 
 Split-K. With ``split_k = S > 1`` every program stores an f32 partial into ``[S, M, N]`` and XLA
 sums the partials (one small fused pass); deterministic and identical in interpret mode, unlike
@@ -252,9 +261,8 @@ def _load(ref, mask, other):
 def _mask2(rows, cols):
     """``rows[:, None] & cols[None, :]`` where either may be None (statically all true).
 
-    Dropping a mask that is all true along the contiguous axis matters: Triton vectorizes a
-    load only as far as it can prove the mask constant, so a K mask on K-contiguous data turns
-    16-byte copies into 8-byte (or narrower) ones.
+    Masks that shapes make all-true are dropped (no per-step mask arithmetic, and nothing that
+    could stop Triton proving a load contiguous); on the H200 shapes this measured no change.
     """
     if rows is None and cols is None:
         return None
