@@ -22,12 +22,17 @@ Paths (``IMPLS``), chosen per call by ``impl=`` or for a scope by ``kernel_mode`
 The kernel applies to bf16/f16 ``x`` (``w`` is cast to ``x``'s dtype, as the reference does) at
 default precision with a bf16/f16/f32 ``out_dtype``; f32 inputs and an explicit ``precision`` (the
 fp32 parity paths, ``Precision.HIGHEST``) keep the reference. The kernel is a ``pallas_call`` with
-no autodiff rule, so it runs under a ``jax.custom_vjp`` whose backward is ``jax.vjp`` of the
-reference: gradients are exactly the reference's (``dx`` = grouped ``dy @ w[e]^T``, ``dw[e]`` =
-``x_e^T dy_e``); ``group_sizes`` gets none. That backward is XLA's: on the H200 its ragged_dot
-transposes run as f32 GEMMs over every expert (the models' ``dy`` is f32), so a Qwen1.5-MoE block's
-forward is 10-18x faster with the kernel at 1024-8192 tokens but forward + backward only ~1.15x
-(``bench/model_layer.py``); a Pallas backward would change the numerics and is not done here.
+no autodiff rule, so it runs under a ``jax.custom_vjp`` whose backward runs Pallas kernels too:
+``dy`` is cast to ``x``'s dtype, ``dx = gmm(dy, w^T)`` (the forward kernel on the transposed
+weights, ``x``'s dtype; rows past ``sum(group_sizes)`` get zeros) and ``dw[e] = x_e^T dy_e`` by
+``tgmm`` (``kernels/pallas/tgmm.py``: f32 accumulation, stored in ``w``'s dtype); ``group_sizes``
+gets no cotangent. ``impl="interpret"`` runs all three in interpret mode. The gradients are the
+reference's up to bf16 roundings (``dy`` rounded to bf16, f32 sums in another order), not bit
+for bit: the reference's VJP is XLA's ``ragged_dot`` transpose, f32 GEMMs over every expert (the
+models' ``dy`` is f32), which on the H200 took ~210 of 261 ms of a Qwen1.5-MoE block's forward +
+backward at 8192 tokens (``bench/model_layer.py``). The environment variable
+``MXMOE_GROUPED_MATMUL_BWD=reference`` (read when a function is traced; not part of jit's cache
+key) brings back that reference VJP on the kernel path, for comparisons.
 
 The mode is read when a function is traced, and it is part of jit's cache key (a JAX config
 state), so ``with kernel_mode("reference"): forward(model, ids)`` retraces rather than reusing a
@@ -45,6 +50,8 @@ import jax.numpy as jnp
 
 IMPLS = ("auto", "kernel", "interpret", "reference", "tiled")
 _ENV = "MXMOE_GROUPED_MATMUL_IMPL"
+_BWD_ENV = "MXMOE_GROUPED_MATMUL_BWD"  # backward of the kernel path: "kernel" or "reference"
+BWDS = ("kernel", "reference")
 
 
 def _check_impl(impl: str, what: str = "impl") -> str:
@@ -207,24 +214,41 @@ def _kernel_applies(x: jax.Array, w: jax.Array, out_dtype, precision) -> bool:
             and x.shape[1] > 0 and w.shape[2] > 0 and w.shape[0] > 0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _kernel_matmul(x, w, group_sizes, out_dtype, interpret):
-    """The Pallas kernel (w already in x's dtype); its VJP is the reference's (module docstring)."""
+def _kernel_bwd_choice() -> str:
+    """The kernel path's backward from ``MXMOE_GROUPED_MATMUL_BWD`` (default ``kernel``)."""
+    bwd = os.environ.get(_BWD_ENV, "kernel")
+    if bwd not in BWDS:
+        raise ValueError(f"{_BWD_ENV}: {bwd!r} is not one of {BWDS}")
+    return bwd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _kernel_matmul(x, w, group_sizes, out_dtype, interpret, bwd):
+    """The Pallas kernel (w already in x's dtype); its VJP is ``bwd``'s (module docstring)."""
     from mxmoe_jax.kernels.pallas import grouped_gemm  # lazy: Pallas/Triton only when used
 
     return grouped_gemm.gmm(x, w, group_sizes, interpret=interpret, out_dtype=out_dtype)
 
 
-def _kernel_matmul_fwd(x, w, group_sizes, out_dtype, interpret):
-    return _kernel_matmul(x, w, group_sizes, out_dtype, interpret), (x, w, group_sizes)
+def _kernel_matmul_fwd(x, w, group_sizes, out_dtype, interpret, bwd):
+    return _kernel_matmul(x, w, group_sizes, out_dtype, interpret, bwd), (x, w, group_sizes)
 
 
-def _kernel_matmul_bwd(out_dtype, interpret, res, dy):
+def _kernel_matmul_bwd(out_dtype, interpret, bwd, res, dy):
     x, w, group_sizes = res
-    _, vjp = jax.vjp(
-        lambda a, b: grouped_matmul_reference(a, b, group_sizes, out_dtype=out_dtype), x, w)
-    dx, dw = vjp(dy)
-    return dx, dw, None  # None: integer group_sizes has no cotangent
+    if bwd == "reference":
+        _, vjp = jax.vjp(
+            lambda a, b: grouped_matmul_reference(a, b, group_sizes, out_dtype=out_dtype), x, w)
+        dx, dw = vjp(dy)
+        return dx, dw, None  # None: integer group_sizes has no cotangent
+    from mxmoe_jax.kernels.pallas import grouped_gemm
+    from mxmoe_jax.kernels.pallas.tgmm import tgmm
+
+    dy = dy.astype(x.dtype)  # the MMAs take bf16/f16 operands (the models' dy is f32)
+    dx = grouped_gemm.gmm(dy, jnp.swapaxes(w, 1, 2), group_sizes, interpret=interpret,
+                          out_dtype=x.dtype)  # [M, K]: dy @ w[e]^T per expert
+    dw = tgmm(x, dy, group_sizes, interpret=interpret, out_dtype=w.dtype)  # [E, K, N]
+    return dx, dw, None
 
 
 _kernel_matmul.defvjp(_kernel_matmul_fwd, _kernel_matmul_bwd)
@@ -250,7 +274,8 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
     if impl in ("kernel", "interpret"):
         if _kernel_applies(x, w, out_dtype, precision):
             w = w.astype(x.dtype) if w.dtype != x.dtype else w
-            return _kernel_matmul(x, w, group_sizes, jnp.dtype(out_dtype), impl == "interpret")
+            return _kernel_matmul(x, w, group_sizes, jnp.dtype(out_dtype), impl == "interpret",
+                                  _kernel_bwd_choice())
         impl = "tiled" if on_cpu else "reference"  # f32 / explicit precision: the jnp path
     if impl == "tiled":
         return grouped_matmul_tiled(x, w, group_sizes, out_dtype=out_dtype, precision=precision)
