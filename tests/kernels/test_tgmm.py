@@ -127,6 +127,15 @@ def test_lowers_for_cuda_with_one_row_loop(monkeypatch):
     assert "scf.while" not in ir
 
 
+def test_group_sizes_past_m_read_no_row_past_m(interpret):
+    """sum(group_sizes) > M: each expert's rows are clipped to the M rows that exist."""
+    x, dy, _ = _data("one_expert", 40, 40, seed=5)  # M = 23
+    gs = jnp.asarray([10, 10, 10], jnp.int32)
+    dw = tgmm(x, dy, gs, interpret=interpret, **SMALL)
+    want = np_tgmm(x, dy, [10, 10, 3])
+    assert _rel(dw, want) < TOL[jnp.float32]
+
+
 def test_reference_matches_loop():
     x, dy, gs = _data("mixed_padding", 24, 16, seed=4)
     assert _rel(tgmm_reference(x, dy, gs), np_tgmm(x, dy, gs)) < 1e-6
