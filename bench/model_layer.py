@@ -13,8 +13,9 @@ the sum of the outputs w.r.t. all params and the input), from ``jax.profiler`` G
 It also checks the two paths against each other: the largest difference of the forward outputs
 relative to the largest reference output.
 
-The kernel path's backward is the reference's VJP (``mxmoe_jax.ops``), so forward + backward
-mostly times XLA's ragged_dot transposes on both paths (f32 GEMMs over every expert).
+The kernel path's backward runs Pallas too (``mxmoe_jax.ops``: dx by the forward kernel on
+transposed weights, dw by ``tgmm``); ``MXMOE_GROUPED_MATMUL_BWD=reference`` gives it the
+reference's VJP (XLA ragged_dot transposes, f32 GEMMs over every expert) for comparison.
 
 Prints a table and writes ``bench/results/model_layer-<date>.json`` (date, device, JAX version,
 shape, rows). Needs an NVIDIA GPU: elsewhere it stops with an error (the kernel is Triton).

@@ -26,7 +26,6 @@ results are deterministic and identical in interpret mode.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import warnings
 
@@ -185,66 +184,3 @@ def tgmm_reference(x: jax.Array, dy: jax.Array, group_sizes: jax.Array) -> jax.A
         return jnp.dot(jnp.where(keep, x32, 0.0).T, dy32, precision=lax.Precision.HIGHEST)
 
     return lax.map(one, (starts, ends))  # [E, K, N] f32
-
-
-# ---------------------------------------------------------------------------------------------
-# sweep (GPU): python -m mxmoe_jax.kernels.pallas.tgmm --tokens 8192
-# ---------------------------------------------------------------------------------------------
-def _device_us(fn, args, reps: int) -> float:
-    """Median wall time of ``fn(*args)`` in us, after a warm-up (block_until_ready per call)."""
-    import statistics
-    import time
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
-
-
-def main(argv=None) -> int:
-    """Sweep tile shapes at a Qwen1.5-MoE-sized dw (60 experts, top-4), check each, print TFLOP/s.
-
-    Checks against the VJP of XLA's ``lax.ragged_dot`` (independent of this kernel).
-    """
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--experts", type=int, default=60)
-    p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--k", type=int, default=2048)
-    p.add_argument("--n", type=int, default=1408)
-    p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--interpret", action="store_true", help="run the kernel bodies on the CPU")
-    a = p.parse_args(argv)
-    m, e = a.tokens * a.top_k, a.experts
-    key = jax.random.key(0)
-    counts = jnp.bincount(jax.random.randint(key, (m,), 0, e), length=e).astype(jnp.int32)
-    x = jax.random.normal(jax.random.fold_in(key, 1), (m, a.k), jnp.float32).astype(jnp.bfloat16)
-    dy = jax.random.normal(jax.random.fold_in(key, 2), (m, a.n), jnp.float32).astype(jnp.bfloat16)
-    w0 = jnp.zeros((e, a.k, a.n), jnp.bfloat16)
-    _, vjp = jax.vjp(lambda w: lax.ragged_dot(x, w, counts, preferred_element_type=jnp.float32),
-                     w0)
-    want = jax.jit(lambda d: vjp(d)[0].astype(jnp.float32))(dy.astype(jnp.float32))
-    flops = 2.0 * m * a.k * a.n
-    configs = [dict(DEFAULTS)] + [
-        dict(bk=bk, bn=bn, bm=bm, num_warps=nw, num_stages=ns)
-        for bk, bn in ((64, 128), (128, 64), (128, 256), (256, 128))
-        for bm in (32, 64) for nw in (4, 8) for ns in (3, 4)]
-    print(f"M={m} K={a.k} N={a.n} E={e}  (rel err vs ragged_dot VJP; us; TFLOP/s)")
-    for cfg in configs:
-        fn = jax.jit(functools.partial(tgmm, interpret=a.interpret, **cfg))
-        try:
-            got = fn(x, dy, counts)
-            err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
-            us = _device_us(fn, (x, dy, counts), a.reps)
-        except Exception as exc:  # noqa: BLE001  (a tile that does not compile: report, go on)
-            print(f"{cfg}: {type(exc).__name__}: {str(exc)[:160]}")
-            continue
-        print(f"{cfg}: err {err:.2e}  {us:9.1f} us  {flops / us / 1e6:7.1f} TFLOP/s")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
