@@ -40,7 +40,7 @@ with warnings.catch_warnings():
     from jax.experimental.pallas import triton as plgpu
 
 # H200-sized defaults (Qwen1.5-MoE: K, N in {2048, 1408}, ~500 rows per expert at 8192 tokens)
-DEFAULTS = dict(bk=128, bn=128, bm=64, num_warps=8, num_stages=3)
+DEFAULTS = dict(bk=128, bn=128, bm=32, num_warps=4, num_stages=4)  # H200 sweep: 433 us
 
 
 def _load(ref, mask, other):
