@@ -39,26 +39,10 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from jax.experimental.pallas import triton as plgpu
 
+from .grouped_gemm import _load, _mask2  # noqa: E402  (optional masks, shared with gmm)
+
 # H200-sized defaults (Qwen1.5-MoE: K, N in {2048, 1408}, ~500 rows per expert at 8192 tokens)
 DEFAULTS = dict(bk=128, bn=128, bm=32, num_warps=4, num_stages=4)  # H200 sweep: 433 us
-
-
-def _load(ref, mask, other):
-    """``plgpu.load`` with an optional mask (None: statically all true, no mask at all)."""
-    if mask is None:
-        return plgpu.load(ref)
-    return plgpu.load(ref, mask=mask, other=other)
-
-
-def _mask2(rows, cols):
-    """``rows[:, None] & cols[None, :]`` where either may be None (statically all true)."""
-    if rows is None and cols is None:
-        return None
-    if rows is None:
-        return cols[None, :]
-    if cols is None:
-        return rows[:, None]
-    return rows[:, None] & cols[None, :]
 
 
 def _tgmm_kernel(
