@@ -23,14 +23,14 @@ The kernel applies to bf16/f16 ``x`` (``w`` is cast to ``x``'s dtype, as the ref
 default precision with a bf16/f16/f32 ``out_dtype``; f32 inputs and an explicit ``precision`` (the
 fp32 parity paths, ``Precision.HIGHEST``) keep the reference. The kernel is a ``pallas_call`` with
 no autodiff rule, so it runs under a ``jax.custom_vjp`` whose backward runs Pallas kernels too:
-``dy`` is cast to ``x``'s dtype, ``dx = gmm(dy, w^T)`` (the forward kernel on the transposed
-weights, ``x``'s dtype; rows past ``sum(group_sizes)`` get zeros) and ``dw[e] = x_e^T dy_e`` by
-``tgmm`` (``kernels/pallas/tgmm.py``: f32 accumulation, stored in ``w``'s dtype); ``group_sizes``
-gets no cotangent. ``impl="interpret"`` runs all three in interpret mode. The gradients are the
-reference's up to bf16 roundings (``dy`` rounded to bf16, f32 sums in another order), not bit
-for bit: the reference's VJP is XLA's ``ragged_dot`` transpose, f32 GEMMs over every expert (the
-models' ``dy`` is f32), which on the H200 took ~210 of 261 ms of a Qwen1.5-MoE block's forward +
-backward at 8192 tokens (``bench/model_layer.py``). The environment variable
+``dy`` is cast to ``x``'s dtype, ``dx = gmm(dy, w^T)`` (the forward kernel reading ``w`` K-major in
+place, ``transpose_w=True``; ``x``'s dtype; rows past ``sum(group_sizes)`` get zeros) and ``dw[e] =
+x_e^T dy_e`` by ``tgmm`` (``kernels/pallas/tgmm.py``: f32 accumulation, stored in ``w``'s dtype);
+``group_sizes`` gets no cotangent. ``impl="interpret"`` runs all three in interpret mode. The
+gradients are the reference's up to bf16 roundings (``dy`` rounded to bf16, f32 sums in another
+order), not bit for bit: the reference's VJP is XLA's ``ragged_dot`` transpose, f32 GEMMs over every
+expert (the models' ``dy`` is f32), which on the H200 took ~210 of 261 ms of a Qwen1.5-MoE block's
+forward + backward at 8192 tokens (``bench/model_layer.py``). The environment variable
 ``MXMOE_GROUPED_MATMUL_BWD=reference`` (read when a function is traced; not part of jit's cache
 key) brings back that reference VJP on the kernel path, for comparisons.
 
@@ -245,8 +245,8 @@ def _kernel_matmul_bwd(out_dtype, interpret, bwd, res, dy):
     from mxmoe_jax.kernels.pallas.tgmm import tgmm
 
     dy = dy.astype(x.dtype)  # the MMAs take bf16/f16 operands (the models' dy is f32)
-    dx = grouped_gemm.gmm(dy, jnp.swapaxes(w, 1, 2), group_sizes, interpret=interpret,
-                          out_dtype=x.dtype)  # [M, K]: dy @ w[e]^T per expert
+    dx = grouped_gemm.gmm(dy, w, group_sizes, interpret=interpret, out_dtype=x.dtype,
+                          transpose_w=True)  # [M, K]: dy @ w[e]^T per expert, w read in place
     dw = tgmm(x, dy, group_sizes, interpret=interpret, out_dtype=w.dtype)  # [E, K, N]
     return dx, dw, None
 

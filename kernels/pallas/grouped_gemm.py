@@ -303,12 +303,13 @@ def _gmm_wonly_kernel(
     # outputs
     o_ref,
     *, scheme: QScheme, cfg: TileConfig, k: int, n: int, e: int, n_blocks: int, steps: int,
-    step_k: int, k_exact: bool, n_exact: bool, interpret: bool,
+    step_k: int, k_exact: bool, n_exact: bool, interpret: bool, w_kmajor: bool = False,
 ):
     """bf16/f16 and weight-only (w8/w4/w3/w2 a16) body; see the module docstring.
 
     ``k_exact``: every step of every split lies inside K (no K masks); ``n_exact``: N is a
-    multiple of ``bn`` (no column masks on loads).
+    multiple of ``bn`` (no column masks on loads); ``w_kmajor``: bf16/f16 weights arrive as
+    ``[E, N, K]`` (``gmm(..., transpose_w=True)``).
     """
     t, j, s = _decode_pid(n_blocks, cfg.split_k, tile_expert_ref.shape[0], cfg.group_m)
     ex = tile_expert_ref[t]
@@ -357,6 +358,10 @@ def _gmm_wonly_kernel(
             if not quant:
                 ks = None if k_exact else (k0 + jnp.arange(step_k)) < k
                 xa = load_x(k0)
+                if w_kmajor:  # [bn, step_k] tile of W^T's rows: a K-major right operand
+                    wt = _load(w_ref.at[el, pl.ds(n0, bn), pl.ds(k0, step_k)],
+                               _mask2(cols_ld, ks), 0.0)
+                    return acc + _mm(xa, wt.astype(xa.dtype), swap), rs
                 wb = _load(w_ref.at[el, pl.ds(k0, step_k), pl.ds(n0, bn)], _mask2(ks, cols_ld), 0.0)
                 if swap:
                     return acc + _dot(wb.astype(xa.dtype).T, xa, trans_b=True), rs
@@ -573,11 +578,14 @@ def _launch(kernel, args, *, out_m, n, cfg, n_tiles, n_blocks, out_dtype, interp
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("scheme", "cfg", "interpret", "out_dtype"))
-def _gmm_wonly(x, w, scale, offset, group_sizes, *, scheme, cfg, interpret, out_dtype):
+@functools.partial(jax.jit, static_argnames=("scheme", "cfg", "interpret", "out_dtype",
+                                             "w_kmajor"))
+def _gmm_wonly(x, w, scale, offset, group_sizes, *, scheme, cfg, interpret, out_dtype,
+               w_kmajor=False):
     m, k = x.shape
     e = group_sizes.shape[0]
-    n = w.shape[-1] if scale is None else w.shape[1]  # bf16 [E, K, N]; codes [E, N, Kp/v]
+    # bf16 [E, K, N] (or [E, N, K] when w_kmajor); codes [E, N, Kp/v]
+    n = w.shape[1] if (scale is not None or w_kmajor) else w.shape[-1]
     step_k = _step_k(scheme, cfg)
     kp = packing.padded_k(scheme, k) if scheme.w_bits != 16 else k
     total_steps = -(-kp // step_k)
@@ -586,7 +594,7 @@ def _gmm_wonly(x, w, scale, offset, group_sizes, *, scheme, cfg, interpret, out_
     tiles = tile_table(group_sizes, m, cfg.bm, interpret=interpret)
     kernel = functools.partial(
         _gmm_wonly_kernel, scheme=scheme, cfg=cfg, k=k, n=n, e=e, n_blocks=n_blocks,
-        steps=steps, step_k=step_k, interpret=interpret,
+        steps=steps, step_k=step_k, interpret=interpret, w_kmajor=w_kmajor,
         **_exact(k, kp, n, step_k, total_steps, cfg))
     if offset is None:
         kernel = _drop_arg(kernel, 6)
@@ -632,7 +640,7 @@ def _drop_arg(kernel, index):
     return wrapped
 
 
-def _validate(x, w, group_sizes, scheme):
+def _validate(x, w, group_sizes, scheme, transpose_w=False):
     if x.ndim != 2:
         raise ValueError(f"x: expected [M, K], got shape {x.shape}")
     if x.dtype not in (jnp.bfloat16, jnp.float16):
@@ -651,14 +659,19 @@ def _validate(x, w, group_sizes, scheme):
     else:
         if scheme != W16A16:
             raise ValueError(f"w: scheme {scheme.name} needs PackedWeight (quant.packing.pack)")
-        if w.ndim != 3 or w.shape[0] != e or w.shape[1] != x.shape[1]:
+        if transpose_w:
+            if w.ndim != 3 or w.shape[0] != e or w.shape[2] != x.shape[1]:
+                raise ValueError(f"w: transpose_w expects [E={e}, N, K={x.shape[1]}], got shape "
+                                 f"{w.shape}")
+        elif w.ndim != 3 or w.shape[0] != e or w.shape[1] != x.shape[1]:
             raise ValueError(f"w: expected [E={e}, K={x.shape[1]}, N], got shape {w.shape}")
 
 
 def gmm(x: jax.Array, w: PackedWeight | jax.Array, group_sizes: jax.Array, *,
         scheme: QScheme | str | None = None, tile: TileConfig | None = None,
         interpret: bool = False, dequant_first: bool | None = None,
-        tile_bf16: TileConfig | None = None, out_dtype=None) -> jax.Array:
+        tile_bf16: TileConfig | None = None, out_dtype=None,
+        transpose_w: bool = False) -> jax.Array:
     """Pallas grouped GEMM ``[M, K] x [E, K, N] -> [M, N]`` for any scheme (the kernel itself).
 
     ``w`` is a bf16/f16 array ``[E, K, N]`` (w16a16) or a ``PackedWeight``; ``scheme`` defaults to
@@ -667,15 +680,19 @@ def gmm(x: jax.Array, w: PackedWeight | jax.Array, group_sizes: jax.Array, *,
     many tokens per expert (``tuning.dequant_first``, or ``dequant_first=True``) dequantize the
     weights to bf16 in one pass and run the bf16 kernel with ``tile_bf16``. ``out_dtype``
     (default ``x.dtype``; float32 keeps the f32 accumulator) is the dtype of the result.
+    ``transpose_w=True`` (bf16/f16 only): ``w`` is ``[E, N, K]`` and the product uses each
+    ``w[e].T``, read in place (the backward's ``dy @ w[e]^T`` without a transposed copy).
     """
     if scheme is None:
         scheme = w.scheme if isinstance(w, PackedWeight) else W16A16
     scheme = QScheme.parse(scheme)
-    _validate(x, w, group_sizes, scheme)
+    if transpose_w and isinstance(w, PackedWeight):
+        raise ValueError("transpose_w: only for bf16/f16 weight arrays, not PackedWeight")
+    _validate(x, w, group_sizes, scheme, transpose_w)
     _check_scheme(scheme)
     m, k = x.shape
     e = group_sizes.shape[0]
-    n = w.n if isinstance(w, PackedWeight) else w.shape[-1]
+    n = w.n if isinstance(w, PackedWeight) else w.shape[1 if transpose_w else 2]
     out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
     if out_dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
         raise ValueError(f"out_dtype: {out_dtype} must be bfloat16, float16 or float32")
@@ -697,7 +714,7 @@ def gmm(x: jax.Array, w: PackedWeight | jax.Array, group_sizes: jax.Array, *,
             return _gmm_wonly(x, w.qweight, w.scale, w.offset, group_sizes, scheme=scheme,
                               cfg=tile, interpret=interpret, out_dtype=out_dtype)
         return _gmm_wonly(x, w, None, None, group_sizes, scheme=scheme, cfg=tile,
-                          interpret=interpret, out_dtype=out_dtype)
+                          interpret=interpret, out_dtype=out_dtype, w_kmajor=transpose_w)
     xq, xs = act_quant.quantize_activations(x, scheme, interpret=interpret)
     wq = w.qweight
     if scheme.fp8 and k % _step_k(scheme, tile):

@@ -239,3 +239,23 @@ def test_group_m_order(name, interpret):
     out = gmm(x, p, gs, tile=GROUPED, interpret=interpret)
     tol = TOL[jnp.bfloat16] if QScheme.parse(name).weight_only else 2e-2
     assert _rel(out, grouped_matmul_reference(x, p, gs)) < tol
+
+
+@pytest.mark.parametrize("tile", [SMALL, SPLIT, SWAP], ids=["small", "split3", "swap"])
+def test_transpose_w_reads_w_kmajor(tile, interpret):
+    """``transpose_w``: ``x @ w[e].T`` from ``w [E, N, K]`` in place (K = 200, N = 40 ragged)."""
+    x, w, gs = _data("mixed", 200, 40, seed=31)
+    w_nk = jnp.swapaxes(w, 1, 2).astype(jnp.bfloat16)  # [E, N, K]
+    out = gmm(x, w_nk, gs, tile=tile, interpret=interpret, transpose_w=True)
+    ref = grouped_matmul_reference(x, jnp.swapaxes(w_nk, 1, 2), gs)
+    assert out.shape == ref.shape
+    assert _rel(out, ref) < TOL[jnp.bfloat16]
+
+
+def test_transpose_w_errors():
+    x, w, gs = _data("mixed", 200, 40, seed=32)
+    with pytest.raises(ValueError, match="transpose_w expects"):
+        gmm(x, w.astype(jnp.bfloat16), gs, transpose_w=True, interpret=True)  # [E, K, N] given
+    p = packing.pack(quantize_rtn(w, "w4a16_g-1_sym"))
+    with pytest.raises(ValueError, match="PackedWeight"):
+        gmm(x, p, gs, transpose_w=True, interpret=True)
