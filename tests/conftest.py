@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import jax
@@ -61,3 +62,35 @@ def torch_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+@pytest.fixture
+def triton_ir(monkeypatch):
+    """``triton_ir(fn, *avals) -> [IR text per Pallas kernel]``: lowered for CUDA sm_90, not run.
+
+    The GPU query is stubbed, ``jax.export`` lowers ``fn``; export then refuses the Triton custom
+    call, after the IR Pallas hands to XLA has been captured.
+    """
+    reg = pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
+    captured: list[str] = []
+    orig = reg.lowering.lower_jaxpr_to_triton_module
+
+    def capture(*args, **kwargs):
+        result = orig(*args, **kwargs)
+        captured.append(result.module.operation.get_asm())
+        return result
+
+    monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info",
+                        lambda *a, **k: types.SimpleNamespace(compute_capability=90))
+    monkeypatch.setattr(reg.lowering, "lower_jaxpr_to_triton_module", capture)
+
+    def lower(fn, *avals) -> list[str]:
+        captured.clear()
+        try:
+            jax.export.export(jax.jit(fn), platforms=["cuda"])(*avals)
+        except ValueError:
+            pass  # export refuses the Triton custom call after lowering
+        assert captured, "the Triton lowering did not run"
+        return list(captured)
+
+    return lower
