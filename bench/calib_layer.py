@@ -27,13 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.model_layer import layer_shape
 from mxmoe_jax.calib import calibrate as C
 from mxmoe_jax.calib import walk
 from mxmoe_jax.calib.loss import MLPWeights
 from mxmoe_jax.config import ModelConfig
 from mxmoe_jax.quant.scheme import QScheme
 
-QWEN15 = dict(hidden=2048, experts=60, topk=4, inter=1408, shared=5632, windows=128, seqlen=4096)
+QWEN15 = dict(layer_shape("qwen1.5-moe"), windows=128, seqlen=4096)
 SMALL = dict(hidden=256, experts=16, topk=4, inter=192, shared=768, windows=4, seqlen=512)
 
 

@@ -25,12 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-MODELS = {  # name: (E, K, N, top_k); N = 2 x moe_intermediate (fused gate+up)
-    "qwen1.5-moe": (60, 2048, 2816, 4),
-    "deepseek-v2-lite": (64, 2048, 2816, 6),
-    "mixtral-8x7b": (8, 4096, 28672, 2),
-    "qwen3-30b-a3b": (128, 2048, 1536, 8),
-}
+from mxmoe_jax.perf.shapes import PRESETS
+
+# the fused gate+up GEMM of each model preset: name -> (E, K, N, top_k), N = 2 x moe_intermediate
+MODELS = {name: (s.num_experts, s.hidden, 2 * s.moe_inter, s.top_k) for name, s in PRESETS.items()}
 TOKENS = (32, 1024, 8192)
 SCHEMES = ("w16a16", "w8a16_g-1_asym", "w4a16_g128_asym", "w4a16_g-1_sym", "w3a16_g128_asym",
            "w2a16_g128_asym", "w8a8_g-1_sym", "w8a8_g-1_fp8", "w4a4_g-1_sym", "w4a4_g128_sym")
@@ -137,7 +135,7 @@ def run(models, tokens_list, schemes, *, reps: int = 20, sweep: bool = False,
     import jax.numpy as jnp
     from jax import lax
     from mxmoe_jax.kernels.pallas import choose_tile, gmm
-    from mxmoe_jax.kernels.pallas.dispatch import grouped_matmul_reference
+    from mxmoe_jax.ops import grouped_matmul_reference
 
     from bench.timing import device_time_us
     from mxmoe_jax.quant import packing

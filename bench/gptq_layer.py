@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mxmoe_jax.perf.shapes import PRESETS
 from mxmoe_jax.quant.gptq import (
     GPTQConfig,
     gptq_quantize,
@@ -37,6 +38,8 @@ from mxmoe_jax.quant.gptq import (
 )
 from mxmoe_jax.quant.qtensor import dequantize
 from mxmoe_jax.quant.rtn import quantize_rtn
+
+QWEN15 = PRESETS["qwen1.5-moe"]  # the default shape
 
 
 def zipf_log_popularity(e: int, seed: int, alpha: float = 1.2) -> np.ndarray:
@@ -76,12 +79,13 @@ def _time(fn, *args, repeat: int = 1) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="CPU-sized problem")
-    ap.add_argument("--experts", type=int, default=60)
-    ap.add_argument("--k", type=int, default=2048, help="input features (hidden size)")
-    ap.add_argument("--n", type=int, default=1408, help="output features (moe_intermediate)")
+    ap.add_argument("--experts", type=int, default=QWEN15.num_experts)
+    ap.add_argument("--k", type=int, default=QWEN15.hidden, help="input features (hidden size)")
+    ap.add_argument("--n", type=int, default=QWEN15.moe_inter,
+                    help="output features (moe_intermediate)")
     ap.add_argument("--batches", type=int, default=128, help="calibration sequences")
     ap.add_argument("--batch", type=int, default=2048, help="tokens per sequence")
-    ap.add_argument("--top-k", type=int, default=4)
+    ap.add_argument("--top-k", type=int, default=QWEN15.top_k)
     ap.add_argument("--schemes", nargs="+", default=["w4a16_g128_asym", "w4a16_g-1_asym"])
     ap.add_argument("--act-order", action="store_true", help="act-order (with static groups)")
     ap.add_argument("--repeat", type=int, default=1)

@@ -14,7 +14,7 @@ It also checks the two paths against each other: the largest difference of the f
 relative to the largest reference output.
 
 The kernel path's backward runs Pallas too (``mxmoe_jax.ops``: dx by the forward kernel on
-transposed weights, dw by ``tgmm``); ``MXMOE_GROUPED_MATMUL_BWD=reference`` gives it the
+transposed weights, dw by ``tgmm``); ``ops.kernel_backward("reference")`` gives it the
 reference's VJP (XLA ragged_dot transposes, f32 GEMMs over every expert) for comparison.
 
 Prints a table and writes ``bench/results/model_layer-<date>.json`` (date, device, JAX version,
@@ -29,8 +29,18 @@ import sys
 import time
 from pathlib import Path
 
-# Qwen1.5-MoE-A2.7B's MoE layer
-SHAPE = dict(hidden=2048, experts=60, topk=4, inter=1408, shared=5632)
+from mxmoe_jax.perf.shapes import PRESETS
+
+
+def layer_shape(preset: str) -> dict:
+    """A model preset's MoE layer (``mxmoe_jax.perf.shapes.PRESETS``) as the benches' shape dict
+    (the keys of their result files)."""
+    s = PRESETS[preset]
+    return dict(hidden=s.hidden, experts=s.num_experts, topk=s.top_k, inter=s.moe_inter,
+                shared=s.shared_inter)
+
+
+SHAPE = layer_shape("qwen1.5-moe")  # Qwen1.5-MoE-A2.7B's MoE layer
 TOKENS = (32, 1024, 8192)
 PATHS = ("reference", "kernel")
 

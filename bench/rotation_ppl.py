@@ -42,7 +42,8 @@ def load_flat(path: Path):
 
 
 def main(argv=None) -> int:
-    from mxmoe_jax.eval.perplexity import load_tokenizer, perplexity, tokenize_file, windows
+    from mxmoe_jax.data import load_tokenizer, tokenize_texts, whole_windows
+    from mxmoe_jax.eval.perplexity import perplexity
     from mxmoe_jax.models import from_flat_params
     from mxmoe_jax.quant.fakequant import QuantPlan, fake_quantize_params, make_quant_forward
     from mxmoe_jax.quant.model_gptq import gptq_model
@@ -66,8 +67,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     cfg, flat = load_flat(args.model)
     tok = load_tokenizer(args.model)
-    ev = windows(tokenize_file(tok, args.text), args.seqlen, args.windows)
-    calib = windows(tokenize_file(tok, args.calib), args.seqlen, args.calib_windows) \
+    ev = whole_windows(tokenize_texts(tok, [args.text]), args.seqlen, args.windows)
+    calib = whole_windows(tokenize_texts(tok, [args.calib]), args.seqlen, args.calib_windows) \
         if args.gptq else None
 
     def ppl(c, fl, plan, rot):

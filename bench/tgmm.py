@@ -16,6 +16,9 @@ import os
 import sys
 from pathlib import Path
 
+from mxmoe_jax.perf.shapes import PRESETS
+
+QWEN15 = PRESETS["qwen1.5-moe"]  # the default shape
 TILES = [dict(bk=bk, bn=bn, bm=bm, num_warps=nw, num_stages=ns)
          for bk, bn in ((128, 128), (64, 128), (128, 256), (256, 128))
          for bm, nw, ns in ((64, 8, 3), (32, 4, 4), (64, 4, 3))]
@@ -24,10 +27,10 @@ TILES = [dict(bk=bk, bn=bn, bm=bm, num_warps=nw, num_stages=ns)
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.tgmm", description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--experts", type=int, default=60)
-    p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--k", type=int, default=2048)
-    p.add_argument("--n", type=int, default=1408)
+    p.add_argument("--experts", type=int, default=QWEN15.num_experts)
+    p.add_argument("--top-k", type=int, default=QWEN15.top_k)
+    p.add_argument("--k", type=int, default=QWEN15.hidden)
+    p.add_argument("--n", type=int, default=QWEN15.moe_inter)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     a = p.parse_args(argv)

@@ -30,6 +30,11 @@ QK_NORMS = ("none", "head", "full")
 ROUTERS = ("softmax", "ds_greedy", "ds_group_limited")
 
 
+# The linear blocks of a SwiGLU expert, in MxMoE's order (gate and up read the block input, down
+# reads silu(gate) * up).
+BLOCKS = ("gate", "up", "down")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelConfig:
     """Architecture of one MoE causal LM (all sizes in elements; see the module docstring)."""

@@ -1,90 +1,85 @@
-"""Operations shared by the models and the kernels: the grouped matmul of the MoE experts.
+"""The grouped matmul of the MoE experts, for every weight format: one entry, one reference.
 
-``grouped_matmul(x [M, K], w [E, K, N], group_sizes [E]) -> [M, N]``: the rows of ``x`` are sorted
-by expert; rows ``[sum(group_sizes[:e]), sum(group_sizes[:e+1]))`` are multiplied by ``w[e]``.
-Rows past ``sum(group_sizes)`` (padding) come out as zeros. Accumulation is f32; the result is
-cast once to ``out_dtype`` (default: ``x.dtype``).
+``grouped_matmul(x [M, K], w, group_sizes [E]) -> [M, N]``: the rows of ``x`` are sorted by
+expert; rows ``[sum(group_sizes[:e]), sum(group_sizes[:e+1]))`` are multiplied by expert ``e``'s
+weights. Rows past ``sum(group_sizes)`` (padding) come out as zeros. Accumulation is f32; the
+result is cast once to ``out_dtype`` (default: ``x.dtype``).
 
-This module holds the pure-jnp reference (``jax.lax.ragged_dot``) and ``grouped_matmul_tiled``, a
-jnp version that the CPU runs instead: XLA's CPU ragged_dot multiplies every row by every expert
-(E times the work), while the tiled one visits only row tiles of one expert each (at most
-``cdiv(M, block_m) + E`` tiles), about 8x faster for the tiny model's MoE layers.
+The weight's type picks the format (as qwix's ``ragged_dot`` takes a plain or quantized operand):
 
-Paths (``IMPLS``), chosen per call by ``impl=`` or for a scope by ``kernel_mode`` /
-``set_kernel_mode`` (or the environment variable ``MXMOE_GROUPED_MATMUL_IMPL``):
+* an array ``[E, K, N]`` (bf16/f16/f32): w16a16;
+* a ``QuantizedWeight`` or ``PackedWeight`` (``mxmoe_jax.quant``): its ``scheme``; weight-activation
+  schemes (``a_bits < 16``) quantize the rows of ``x`` per token first.
 
-* ``auto`` (default): on a GPU the Pallas kernel (``mxmoe_jax.kernels.pallas.gmm``) where it
-  applies, else the reference; on the CPU the tiled version.
-* ``kernel`` / ``interpret``: the Pallas kernel, compiled (GPU only) or in Pallas interpret mode
-  (CPU tests), where it applies; other calls keep the backend's non-kernel path.
-* ``reference`` / ``tiled``: always that jnp version.
+The reference (``grouped_matmul_reference``) is the definition every kernel is held to: weights
+dequantized by the quantization core (f32), activations quantized and dequantized by ``quant.act``
+for weight-activation schemes, one f32 ragged matmul (``Precision.HIGHEST`` for quantized weights;
+for arrays the caller's ``precision``, HIGHEST when none is given and ``x`` is f32, with ``w`` cast
+to ``x``'s dtype), a single cast at the end.
+On the CPU the ragged matmul runs as a scan over expert row tiles (``ragged_dot_tiled``): XLA's CPU
+``ragged_dot`` multiplies every row by every expert (E times the work), the tiled one visits at most
+``cdiv(M, block_m) + E`` tiles, about 8x faster for the tiny model's MoE layers. Same numbers up to
+the order of f32 sums.
 
-The kernel applies to bf16/f16 ``x`` (``w`` is cast to ``x``'s dtype, as the reference does) at
-default precision with a bf16/f16/f32 ``out_dtype``; f32 inputs and an explicit ``precision`` (the
-fp32 parity paths, ``Precision.HIGHEST``) keep the reference. The kernel is a ``pallas_call`` with
-no autodiff rule, so it runs under a ``jax.custom_vjp`` whose backward runs Pallas kernels too:
-``dy`` is cast to ``x``'s dtype, ``dx = gmm(dy, w^T)`` (the forward kernel reading ``w`` K-major in
-place, ``transpose_w=True``; ``x``'s dtype; rows past ``sum(group_sizes)`` get zeros) and ``dw[e] =
-x_e^T dy_e`` by ``tgmm`` (``kernels/pallas/tgmm.py``: f32 accumulation, stored in ``w``'s dtype);
-``group_sizes`` gets no cotangent. ``impl="interpret"`` runs all three in interpret mode. The
-gradients are the reference's up to bf16 roundings (``dy`` rounded to bf16, f32 sums in another
-order), not bit for bit: the reference's VJP is XLA's ``ragged_dot`` transpose, f32 GEMMs over every
-expert (the models' ``dy`` is f32), which on the H200 took ~210 of 261 ms of a Qwen1.5-MoE block's
-forward + backward at 8192 tokens (``bench/model_layer.py``). The environment variable
-``MXMOE_GROUPED_MATMUL_BWD=reference`` (read when a function is traced; not part of jit's cache
-key) brings back that reference VJP on the kernel path, for comparisons.
+Paths (``IMPLS``), chosen per call by ``impl=`` or for a scope by ``kernel_mode``:
 
-The mode is read when a function is traced, and it is part of jit's cache key (a JAX config
-state), so ``with kernel_mode("reference"): forward(model, ids)`` retraces rather than reusing a
-trace made under another mode.
+* ``auto`` (default): on an NVIDIA GPU the Pallas kernel where it applies, else the reference.
+* ``kernel`` / ``interpret``: the Pallas kernel (``mxmoe_jax.kernels.pallas.grouped_gemm.gmm``),
+  compiled (GPU only) or in Pallas interpret mode (CPU tests), where it applies; other calls keep
+  the reference.
+* ``reference``: always the reference.
+
+The kernel applies to bf16/f16 ``x`` with a bf16/f16/f32 ``out_dtype``, non-empty K, N and E, and
+for arrays default precision (``w`` is cast to ``x``'s dtype, as the reference does); f32 inputs
+and an explicit ``precision`` (the fp32 parity paths, ``Precision.HIGHEST``) keep the reference.
+A ``QuantizedWeight`` is packed at trace time (pack once ahead of time in a model).
+
+Backward (w16a16 arrays on the kernel path): the kernel is a ``pallas_call`` with no autodiff rule,
+so it runs under a ``jax.custom_vjp``. ``dy`` is cast to ``x``'s dtype, ``dx = gmm(dy, w^T)`` (the
+forward kernel reading ``w`` K-major in place, ``transpose_w=True``) and ``dw[e] = x_e^T dy_e`` by
+``tgmm`` (f32 accumulation, stored in ``w``'s dtype); ``group_sizes`` gets no cotangent. The
+gradients are the reference's up to bf16 roundings, not bit for bit.
+``kernel_backward("reference")`` brings back the reference's VJP (XLA's ``ragged_dot`` transpose: ~210 of 261 ms of a Qwen1.5-MoE
+block's forward + backward at 8192 tokens on the H200, ``bench/model_layer.py``) for comparisons.
+Quantized weights have no gradient.
+
+``kernel_mode`` and ``kernel_backward`` are JAX config states: thread-local and part of jit's cache
+key, so ``with kernel_mode("reference"): forward(model, ids)`` retraces rather than reusing a trace
+made under another mode. Nothing is read from the environment.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "kernel", "interpret", "reference", "tiled")
-_ENV = "MXMOE_GROUPED_MATMUL_IMPL"
-_BWD_ENV = "MXMOE_GROUPED_MATMUL_BWD"  # backward of the kernel path: "kernel" or "reference"
-BWDS = ("kernel", "reference")
+from mxmoe_jax.quant import act
+from mxmoe_jax.quant.packing import PackedWeight, dequantize_packed, pack
+from mxmoe_jax.quant.qtensor import QuantizedWeight, dequantize
+from mxmoe_jax.quant.scheme import W16A16, QScheme
+
+IMPLS = ("auto", "kernel", "interpret", "reference")
+BWDS = ("kernel", "reference")  # backward of the kernel path for w16a16 arrays
+
+Weight = jax.Array | QuantizedWeight | PackedWeight
 
 
-def _check_impl(impl: str, what: str = "impl") -> str:
-    if not isinstance(impl, str) or impl not in IMPLS:
-        raise ValueError(f"{what}: {impl!r} is not one of {IMPLS}")
-    return impl
-
-
-def _make_mode_state():
-    """The current mode as a JAX config state (thread-local, in jit's cache key).
-
-    ``jax._src.config.enum_state`` is private API; where it is missing or has changed, a plain
-    context variable stands in (then an already-jitted function keeps the mode it was traced with).
-    """
-    default = _check_impl(os.environ.get(_ENV, "auto"), _ENV)
-    try:
-        from jax._src import config as jax_config
-
-        return jax_config.enum_state(
-            _ENV.lower(), list(IMPLS), default,
-            "mxmoe_jax.ops.grouped_matmul path: " + ", ".join(IMPLS),
-            include_in_jit_key=True, include_in_trace_context=True)
-    except (ImportError, AttributeError, TypeError):
-        import contextvars
-
-        return _FallbackState(contextvars.ContextVar(_ENV.lower(), default=default))
+def _check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{what}: {value!r} is not one of {choices}")
+    return value
 
 
 class _FallbackState:
     """``enum_state``'s interface (``.value``, call -> context, global set) on a ContextVar."""
 
-    def __init__(self, var):
-        self._var = var
+    def __init__(self, name: str, default: str):
+        import contextvars
+
+        self._var = contextvars.ContextVar(name, default=default)
 
     @property
     def value(self) -> str:
@@ -102,7 +97,25 @@ class _FallbackState:
             self._var.reset(token)
 
 
-_MODE = _make_mode_state()
+def _make_state(name: str, choices: tuple[str, ...], default: str, doc: str):
+    """A JAX config state (thread-local, in jit's cache key).
+
+    ``jax._src.config.enum_state`` is private API; where it is missing or has changed, a plain
+    context variable stands in (then an already-jitted function keeps the mode it was traced with).
+    """
+    try:
+        from jax._src import config as jax_config
+
+        return jax_config.enum_state(name, list(choices), default, doc,
+                                     include_in_jit_key=True, include_in_trace_context=True)
+    except (ImportError, AttributeError, TypeError):
+        return _FallbackState(name, default)
+
+
+_MODE = _make_state("mxmoe_grouped_matmul_impl", IMPLS, "auto",
+                    "mxmoe_jax.ops.grouped_matmul path: " + ", ".join(IMPLS))
+_BWD = _make_state("mxmoe_grouped_matmul_bwd", BWDS, "kernel",
+                   "backward of mxmoe_jax.ops.grouped_matmul's kernel path: " + ", ".join(BWDS))
 
 
 def get_kernel_mode() -> str:
@@ -112,57 +125,74 @@ def get_kernel_mode() -> str:
 
 def set_kernel_mode(mode: str) -> None:
     """Set the ``grouped_matmul`` path for the whole process (one of ``IMPLS``)."""
-    _check_impl(mode, "mode")
+    _check_choice(mode, IMPLS, "mode")
     if isinstance(_MODE, _FallbackState):
         _MODE.set_global(mode)
     else:
-        jax.config.update(_ENV.lower(), mode)
+        jax.config.update("mxmoe_grouped_matmul_impl", mode)
 
 
 @contextlib.contextmanager
 def kernel_mode(mode: str):
     """``with kernel_mode("interpret"): ...``: the ``grouped_matmul`` path inside the block."""
-    _check_impl(mode, "mode")
+    _check_choice(mode, IMPLS, "mode")
     with _MODE(mode):
         yield
 
 
-def _check(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> None:
+@contextlib.contextmanager
+def kernel_backward(bwd: str):
+    """``with kernel_backward("reference"): ...``: the kernel path's VJP inside the block."""
+    _check_choice(bwd, BWDS, "bwd")
+    with _BWD(bwd):
+        yield
+
+
+# ---------------------------------------------------------------------------------- checks
+
+def weight_scheme(w: Weight) -> QScheme:
+    """The format of a weight operand: its ``scheme``, or w16a16 for an array."""
+    return w.scheme if isinstance(w, QuantizedWeight | PackedWeight) else W16A16
+
+
+def weight_shape(w: Weight) -> tuple[int, int, int]:
+    """``(E, K, N)`` of a weight operand of any type."""
+    if isinstance(w, PackedWeight):
+        if len(w.lead_shape) != 1:
+            raise ValueError(f"grouped_matmul: packed w must stack [E] experts, got lead shape "
+                             f"{w.lead_shape}")
+        return (w.lead_shape[0], w.k, w.n)
+    shape = w.codes.shape if isinstance(w, QuantizedWeight) else w.shape
+    if len(shape) != 3:
+        raise ValueError(f"grouped_matmul: w must be [E, K, N], got shape {tuple(shape)}")
+    return tuple(shape)
+
+
+def _check(x: jax.Array, w: Weight, group_sizes: jax.Array) -> tuple[int, int, int]:
     if x.ndim != 2:
         raise ValueError(f"grouped_matmul: x must be [M, K], got shape {x.shape}")
-    if w.ndim != 3:
-        raise ValueError(f"grouped_matmul: w must be [E, K, N], got shape {w.shape}")
-    if x.shape[1] != w.shape[1]:
-        raise ValueError(f"grouped_matmul: x has K={x.shape[1]} but w has K={w.shape[1]}")
-    if group_sizes.shape != (w.shape[0],):
-        raise ValueError(f"grouped_matmul: group_sizes must be [E={w.shape[0]}], "
+    e, k, n = weight_shape(w)
+    if x.shape[1] != k:
+        raise ValueError(f"grouped_matmul: x has K={x.shape[1]} but w has K={k}")
+    if group_sizes.shape != (e,):
+        raise ValueError(f"grouped_matmul: group_sizes must be [E={e}], "
                          f"got shape {group_sizes.shape}")
     if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
         raise ValueError(f"grouped_matmul: group_sizes must be integer, got {group_sizes.dtype}")
+    return e, k, n
 
 
-def grouped_matmul_reference(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
-                             out_dtype=None, precision=None) -> jax.Array:
-    """Pure-jnp grouped matmul (f32 accumulation); see the module docstring for the contract."""
-    _check(x, w, group_sizes)
-    out_dtype = x.dtype if out_dtype is None else out_dtype
-    y_mn = jax.lax.ragged_dot(x, w.astype(x.dtype) if w.dtype != x.dtype else w,
-                              group_sizes.astype(jnp.int32), precision=precision,
-                              preferred_element_type=jnp.float32)  # [M, N] f32
-    return y_mn.astype(out_dtype)
+# ---------------------------------------------------------------------------------- reference
 
-
-def grouped_matmul_tiled(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
-                         block_m: int = 64, out_dtype=None, precision=None) -> jax.Array:
-    """The same product as ``grouped_matmul_reference``, as a scan over expert row tiles.
+def ragged_dot_tiled(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, precision,
+                      block_m: int = 64) -> jax.Array:
+    """``lax.ragged_dot`` (f32 result) as a scan over expert row tiles (the CPU's path).
 
     Tile table (static length ``cdiv(M, block_m) + E``, computed under jit from ``group_sizes``):
     tile i belongs to expert ``e_i`` and covers rows ``[row0_i, row0_i + block_m)`` clipped to that
     expert's rows; tiles past the last are empty. Each tile is one ``[bm, K] x [K, N]`` dot in f32;
     the rows of a tile outside its expert are masked, then tiles are scatter-added into ``[M, N]``.
     """
-    _check(x, w, group_sizes)
-    out_dtype = x.dtype if out_dtype is None else out_dtype
     m, k = x.shape
     e, _, n = w.shape
     bm = max(1, min(block_m, m))
@@ -178,7 +208,6 @@ def grouped_matmul_tiled(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
     row0 = starts[tile_expert] + j * bm  # [n_tiles]
     live = tile_id < tile_end[-1]
     x_pad = jnp.concatenate([x, jnp.zeros((bm, k), x.dtype)])  # dynamic_slice never clamps
-    w = w.astype(x.dtype) if w.dtype != x.dtype else w
 
     def tile(_, args):
         ex, r0 = args
@@ -192,8 +221,53 @@ def grouped_matmul_tiled(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
     valid = live[:, None] & (rows < ends[tile_expert][:, None])
     y = jnp.where(valid[..., None], y, 0.0)
     out = jnp.zeros((m + bm, n), jnp.float32).at[rows.reshape(-1)].add(y.reshape(-1, n))
-    return out[:m].astype(out_dtype)
+    return out[:m]
 
+
+def _ragged_dot(x, w, group_sizes, *, precision):
+    """f32 ``ragged_dot`` of ``x`` and ``w`` (same dtype): tiled on the CPU, XLA's elsewhere."""
+    if x.shape[0] == 0 or w.shape[0] == 0:
+        return jnp.zeros((x.shape[0], w.shape[2]), jnp.float32)
+    if w.shape[0] == 1:  # one group (a dense MLP): a plain dot on its rows
+        y = jnp.dot(x, w[0], precision=precision, preferred_element_type=jnp.float32)
+        live = jnp.arange(x.shape[0]) < group_sizes[0]
+        return jnp.where(live[:, None], y, 0.0)
+    if jax.default_backend() == "cpu":
+        return ragged_dot_tiled(x, w, group_sizes, precision=precision)
+    return jax.lax.ragged_dot(x, w, group_sizes.astype(jnp.int32), precision=precision,
+                              preferred_element_type=jnp.float32)
+
+
+def dequantize_weight(w: Weight) -> jax.Array:
+    """The f32 values of a quantized weight operand (an array is returned as it is)."""
+    if isinstance(w, PackedWeight):
+        return dequantize_packed(w)
+    if isinstance(w, QuantizedWeight):
+        return dequantize(w)
+    return w
+
+
+def grouped_matmul_reference(x: jax.Array, w: Weight, group_sizes: jax.Array, *,
+                             out_dtype=None, precision=None) -> jax.Array:
+    """Pure-jnp grouped matmul: the definition (module docstring)."""
+    _check(x, w, group_sizes)
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    scheme = weight_scheme(w)
+    if scheme == W16A16 and not isinstance(w, QuantizedWeight | PackedWeight):
+        if precision is None and x.dtype == jnp.float32:
+            precision = jax.lax.Precision.HIGHEST  # f32 means f32 (no TF32 on GPUs)
+        y = _ragged_dot(x, w.astype(x.dtype) if w.dtype != x.dtype else w, group_sizes,
+                        precision=precision)
+        return y.astype(out_dtype)
+    xf = x.astype(jnp.float32)
+    if not scheme.weight_only:
+        xf = act.dequantize_activations(*act.quantize_activations(xf, scheme))
+    y = _ragged_dot(xf, dequantize_weight(w).astype(jnp.float32), group_sizes,
+                    precision=jax.lax.Precision.HIGHEST)
+    return y.astype(out_dtype)
+
+
+# ---------------------------------------------------------------------------------- kernel path
 
 def _default_precision(precision) -> bool:
     """True for no precision or DEFAULT (per operand too): the kernel's bf16 MMA is that."""
@@ -207,24 +281,24 @@ def _default_precision(precision) -> bool:
         return False
 
 
-def _kernel_applies(x: jax.Array, w: jax.Array, out_dtype, precision) -> bool:
-    """bf16/f16 x, default precision, an out_dtype the kernel stores, non-empty K, N and E."""
-    return (x.dtype in (jnp.bfloat16, jnp.float16) and _default_precision(precision)
+def _kernel_applies(x: jax.Array, w: Weight, out_dtype, precision) -> bool:
+    """bf16/f16 x, an out_dtype the kernel stores, non-empty K, N and E; arrays: default
+    precision; quantized: a scheme the kernels implement."""
+    e, k, n = weight_shape(w)
+    if not (x.dtype in (jnp.bfloat16, jnp.float16)
             and jnp.dtype(out_dtype) in (jnp.bfloat16, jnp.float16, jnp.float32)
-            and x.shape[1] > 0 and w.shape[2] > 0 and w.shape[0] > 0)
+            and k > 0 and n > 0 and e > 0):
+        return False
+    if isinstance(w, QuantizedWeight | PackedWeight):
+        from mxmoe_jax.kernels.pallas.grouped_gemm import supports  # lazy: Pallas only when used
 
-
-def _kernel_bwd_choice() -> str:
-    """The kernel path's backward from ``MXMOE_GROUPED_MATMUL_BWD`` (default ``kernel``)."""
-    bwd = os.environ.get(_BWD_ENV, "kernel")
-    if bwd not in BWDS:
-        raise ValueError(f"{_BWD_ENV}: {bwd!r} is not one of {BWDS}")
-    return bwd
+        return supports(w.scheme, k)
+    return _default_precision(precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _kernel_matmul(x, w, group_sizes, out_dtype, interpret, bwd):
-    """The Pallas kernel (w already in x's dtype); its VJP is ``bwd``'s (module docstring)."""
+    """The Pallas kernel for w16a16 arrays (w already in x's dtype), with ``bwd``'s VJP."""
     from mxmoe_jax.kernels.pallas import grouped_gemm  # lazy: Pallas/Triton only when used
 
     return grouped_gemm.gmm(x, w, group_sizes, interpret=interpret, out_dtype=out_dtype)
@@ -254,29 +328,34 @@ def _kernel_matmul_bwd(out_dtype, interpret, bwd, res, dy):
 _kernel_matmul.defvjp(_kernel_matmul_fwd, _kernel_matmul_bwd)
 
 
-def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
-                   out_dtype=None, precision=None, impl: str | None = None) -> jax.Array:
-    """``x [M, K]`` rows grouped by expert times ``w [E, K, N]`` -> ``[M, N]``.
+def _kernel_quantized(x, w: QuantizedWeight | PackedWeight, group_sizes, out_dtype, interpret):
+    from mxmoe_jax.kernels.pallas import grouped_gemm
+
+    packed = pack(w) if isinstance(w, QuantizedWeight) else w
+    return grouped_gemm.gmm(x, jax.lax.stop_gradient(packed), group_sizes, interpret=interpret,
+                            out_dtype=out_dtype)
+
+
+def grouped_matmul(x: jax.Array, w: Weight, group_sizes: jax.Array, *, out_dtype=None,
+                   precision=None, impl: str | None = None) -> jax.Array:
+    """``x [M, K]`` rows grouped by expert times ``w`` (``[E, K, N]`` of any format) -> ``[M, N]``.
 
     ``group_sizes [E]`` int32 = rows per expert, in order; their sum may be < M (the tail rows
     are padding and come out as zeros). ``impl`` (one of ``IMPLS``; default: the current
     ``kernel_mode``) picks the path, as the module docstring says.
     """
-    impl = get_kernel_mode() if impl is None else _check_impl(impl)
+    impl = get_kernel_mode() if impl is None else _check_choice(impl, IMPLS, "impl")
     _check(x, w, group_sizes)
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    on_cpu = jax.default_backend() == "cpu"
-    if impl == "kernel" and on_cpu:
+    if impl == "kernel" and jax.default_backend() == "cpu":
         raise ValueError("impl: 'kernel' compiles the Pallas kernel for an NVIDIA GPU and this "
                          "backend is the CPU; use 'interpret' to run the kernel body here")
     if impl == "auto":
-        impl = "kernel" if jax.default_backend() == "gpu" else "tiled" if on_cpu else "reference"
-    if impl in ("kernel", "interpret"):
-        if _kernel_applies(x, w, out_dtype, precision):
-            w = w.astype(x.dtype) if w.dtype != x.dtype else w
-            return _kernel_matmul(x, w, group_sizes, jnp.dtype(out_dtype), impl == "interpret",
-                                  _kernel_bwd_choice())
-        impl = "tiled" if on_cpu else "reference"  # f32 / explicit precision: the jnp path
-    if impl == "tiled":
-        return grouped_matmul_tiled(x, w, group_sizes, out_dtype=out_dtype, precision=precision)
+        impl = "kernel" if jax.default_backend() == "gpu" else "reference"
+    if impl in ("kernel", "interpret") and _kernel_applies(x, w, out_dtype, precision):
+        interpret = impl == "interpret"
+        if isinstance(w, QuantizedWeight | PackedWeight):
+            return _kernel_quantized(x, w, group_sizes, jnp.dtype(out_dtype), interpret)
+        w = w.astype(x.dtype) if w.dtype != x.dtype else w
+        return _kernel_matmul(x, w, group_sizes, jnp.dtype(out_dtype), interpret, _BWD.value)
     return grouped_matmul_reference(x, w, group_sizes, out_dtype=out_dtype, precision=precision)

@@ -146,8 +146,8 @@ def _cli(argv: list[str]) -> None:
 def _evaluate(args, model_dir: Path, calib, eval_text: str, schemes, out: Path) -> dict:
     """Perplexity of the FP model, of every uniform scheme, and of the mixed allocation."""
     from mxmoe_jax.alloc.qconfig import load_qconfig
-    from mxmoe_jax.calib.data import sample_windows, tokenize_texts
-    from mxmoe_jax.eval.perplexity import load_tokenizer, perplexity, tokenize_file, windows
+    from mxmoe_jax.data import load_tokenizer, sample_windows, tokenize_texts, whole_windows
+    from mxmoe_jax.eval.perplexity import perplexity
     from mxmoe_jax.eval.quantized import plan_from_qconfig, quantized_logits_fn
     from mxmoe_jax.models.io import load_flat_params
     from mxmoe_jax.quant.fakequant import QuantPlan
@@ -155,7 +155,7 @@ def _evaluate(args, model_dir: Path, calib, eval_text: str, schemes, out: Path) 
 
     cfg, flat = load_flat_params(model_dir, "fp32")
     tok = load_tokenizer(model_dir)
-    ids = windows(tokenize_file(tok, eval_text), args.seqlen, args.max_windows)
+    ids = whole_windows(tokenize_texts(tok, [eval_text]), args.seqlen, args.max_windows)
     calib_ids = None
     if args.method == "gptq":
         calib_ids = sample_windows(tokenize_texts(tok, calib), args.seqlen, args.nsamples)

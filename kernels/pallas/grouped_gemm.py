@@ -547,6 +547,13 @@ def _step_k(scheme: QScheme, cfg: TileConfig) -> int:
     return cfg.bk
 
 
+def supports(scheme: QScheme, k: int) -> bool:
+    """Can ``gmm`` run ``scheme`` on ``k`` input features? (``ops.grouped_matmul`` keeps the
+    reference where it cannot: K-groups that are not multiples of the 128-row chunk.)"""
+    g = scheme.group_size
+    return scheme.w_bits == 16 or g == -1 or (g % packing.CHUNK == 0 and k % g == 0)
+
+
 def _check_scheme(scheme: QScheme):
     if scheme.group_size != -1 and scheme.group_size % packing.CHUNK:
         raise ValueError(
@@ -724,16 +731,6 @@ def gmm(x: jax.Array, w: PackedWeight | jax.Array, group_sizes: jax.Array, *,
         wq = lax.bitcast_convert_type(wq, jnp.int8)
     return _gmm_wa(xq, xs, wq, w.scale, group_sizes, scheme=scheme, cfg=tile,
                    interpret=interpret, out_dtype=out_dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# references (pure jnp; no kernel helpers)
-# ---------------------------------------------------------------------------------------------
-def gmm_reference(x: jax.Array, w_f32: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """f32 ``out[t] = x[t] @ w[e(t)]`` from already dequantized f32 weights ``[E, K, N]``."""
-    return lax.ragged_dot(x.astype(jnp.float32), w_f32.astype(jnp.float32),
-                          group_sizes.astype(jnp.int32), precision=lax.Precision.HIGHEST,
-                          preferred_element_type=jnp.float32)
 
 
 def tile_flops(m: int, k: int, n: int) -> float:

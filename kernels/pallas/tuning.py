@@ -20,12 +20,12 @@ from pathlib import Path
 
 import jax
 
+from mxmoe_jax.gpus import NUM_SMS_BY_KIND
 from mxmoe_jax.quant.scheme import QScheme
 
 from .tile_config import TileConfig
 
 _TABLES = Path(__file__).resolve().parent / "tiles"
-_SMS = {"nvidia_h200": 132, "nvidia_h100_80gb_hbm3": 132, "nvidia_geforce_rtx_4090": 128}
 
 
 def kind_of(scheme: QScheme) -> str:
@@ -103,7 +103,7 @@ def choose_tile(scheme: QScheme, *, m: int, e: int, n: int, k: int,
         return dataclasses.replace(tile, split_k=max(1, min(tile.split_k, steps)))
     # others: keep >= 2 K steps per split, and stop splitting at ~16 programs per SM
     split = max(1, min(tile.split_k, steps // 2))
-    sms = _SMS.get(device, 132)
+    sms = NUM_SMS_BY_KIND.get(device, 132)
     active = min(e, max(m, 1))
     programs = active * max(1, -(-int(mpe) // tile.bm)) * -(-n // tile.bn)
     while split > 1 and programs * (split // 2) >= 16 * sms:

@@ -168,8 +168,7 @@ def trace_files(model_dir: str | os.PathLike, text: Sequence[str | os.PathLike],
     """Load a MODEL_DIR, cut ``text`` into windows with its tokenizer, and trace it."""
     import jax.numpy as jnp
 
-    from mxmoe_jax.calib.data import token_windows, tokenize_texts
-    from mxmoe_jax.eval.perplexity import load_tokenizer
+    from mxmoe_jax.data import load_tokenizer, token_windows, tokenize_texts
     from mxmoe_jax.models.io import load_model_dir
 
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)

@@ -1,9 +1,10 @@
 """Perplexity with the original MxMoE protocol (its README §6), on any text file.
 
 Protocol, exactly: tokenize the whole file once with the tokenizer's defaults; cut the ids into
-non-overlapping windows of ``seqlen`` (the remainder is dropped); take the first ``max_windows``;
-in each window tokens 2..seqlen are predicted from the ones before; ``ppl = exp(mean NLL)`` over all
-predicted tokens, computed in float32.
+non-overlapping windows of ``seqlen`` (the remainder is dropped); take the first ``max_windows``
+(both in ``mxmoe_jax.data``: ``tokenize_texts``, ``whole_windows``); in each window tokens
+2..seqlen are predicted from the ones before; ``ppl = exp(mean NLL)`` over all predicted tokens,
+computed in float32.
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# load_tokenizer, windows and tokenize_file (below) are old names, for eval/cli.py and
+# calib/calibrate.py until they import mxmoe_jax.data: delete them then.
+from mxmoe_jax.data import load_tokenizer, tokenize_texts  # noqa: F401
+from mxmoe_jax.data import whole_windows as windows  # noqa: F401
 
 # logits_fn(ids [B, T] int32) -> logits [B, T, V]
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -33,39 +38,9 @@ class PerplexityResult:
         return {"ppl": self.ppl, "tokens": self.tokens, "windows": self.windows}
 
 
-def load_tokenizer(path: str | os.PathLike):
-    """The HF tokenizer saved in ``path`` (a MODEL_DIR or HF folder); never downloads."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found" notice
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
-        raise FileNotFoundError(
-            f"no tokenizer in {path} (tokenizer.json / tokenizer_config.json); "
-            "pass --tokenizer DIR")
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-
-
 def tokenize_file(tokenizer, text_file: str | os.PathLike) -> np.ndarray:
-    """The whole file tokenized once with the tokenizer's defaults: [n] int32."""
-    text = Path(text_file).read_text(encoding="utf-8")
-    ids = tokenizer(text, verbose=False)["input_ids"]  # whole file: no model_max_length warning
-    return np.asarray(ids, dtype=np.int32)
-
-
-def windows(ids: np.ndarray, seqlen: int, max_windows: int | None = None) -> np.ndarray:
-    """Non-overlapping windows of ``seqlen`` ids (remainder dropped), the first ``max_windows``."""
-    if seqlen < 2:
-        raise ValueError(f"seqlen: {seqlen} must be at least 2")
-    n = len(ids) // seqlen
-    if max_windows is not None:
-        if max_windows < 1:
-            raise ValueError(f"max_windows: {max_windows} must be positive")
-        n = min(n, max_windows)
-    if n == 0:
-        raise ValueError(
-            f"the text has {len(ids)} tokens, fewer than one window of seqlen={seqlen}")
-    return ids[: n * seqlen].reshape(n, seqlen)
+    """Old name of ``mxmoe_jax.data.tokenize_texts(tokenizer, [text_file])`` (for eval/cli.py)."""
+    return tokenize_texts(tokenizer, [text_file])
 
 
 @jax.jit

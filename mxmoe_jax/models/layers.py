@@ -1,4 +1,6 @@
-"""Building blocks shared by every family: RMSNorm, rotary embedding helpers, the dense MLP.
+"""Building blocks shared by every family: RMSNorm, rotary embedding helpers, ``linear``.
+
+The dense SwiGLU MLP is a stack of one expert and lives with the experts in ``moe.py``.
 
 Numerics follow transformers: RMSNorm normalises in f32 and casts back to the input dtype before
 the scale; RoPE uses the ``rotate_half`` layout (the two halves of each head are the pair), with
@@ -82,17 +84,3 @@ def positions_bt(positions: jax.Array, batch: int) -> jax.Array:
         raise ValueError(f"positions must be [T] or [B, T] with B={batch}, "
                          f"got shape {positions.shape}")
     return positions
-
-
-class MLP(nnx.Module):
-    """The dense SwiGLU MLP: ``down(silu(gate(x)) * up(x))`` (dense layers, shared experts)."""
-
-    def __init__(self, d: int, i: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        kw = dict(bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = linear(d, i, **kw)
-        self.up_proj = linear(d, i, **kw)
-        self.down_proj = linear(i, d, **kw)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

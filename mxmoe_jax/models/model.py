@@ -27,8 +27,9 @@ from flax import nnx
 
 from mxmoe_jax.config import ModelConfig
 from mxmoe_jax.models.attention import Attention
-from mxmoe_jax.models.layers import MLP, RMSNorm, linear, matmul_precision
-from mxmoe_jax.models.moe import MoEBlock
+from mxmoe_jax.models.layers import RMSNorm, linear, matmul_precision
+from mxmoe_jax.models.moe import MLP, MoEBlock, RotationSigns
+from mxmoe_jax.ops import weight_shape
 
 
 def make_attention(cfg: ModelConfig, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
@@ -144,6 +145,36 @@ def forward_hidden(model: MoECausalLM, input_ids: jax.Array, *,
     if bad:
         raise ValueError(f"capture: layer indices {bad} outside 0..{cfg.num_layers - 1}")
     return _forward_hidden(model, input_ids, capture=layers, with_logits=with_logits)
+
+
+def swiglu_stacks(model: MoECausalLM):
+    """``(layer, expert index, stack)`` of every SwiGLU stack: a MoE layer's routed experts
+    (index None), its shared expert (index E), a dense layer's MLP (index 0)."""
+    for i, layer in enumerate(model.layers):
+        mlp = layer.mlp
+        if layer.is_moe:
+            yield i, None, mlp.experts
+            if hasattr(mlp, "shared"):
+                yield i, model.cfg.num_experts, mlp.shared
+        else:
+            yield i, 0, mlp
+
+
+def set_rotation(model: MoECausalLM, rotation) -> MoECausalLM:
+    """Turn on the online down_proj rotation of ``rotation`` (a ``quant.rotation.Rotation``
+    whose ``rotate_params`` produced the model's weights) in every SwiGLU stack; in place."""
+    for _, _, stack in swiglu_stacks(model):
+        width = weight_shape(stack.weights().down[0].w)[1]  # down's K = I
+        signs = None if rotation is None else rotation.down_signs(width)
+        stack.down_signs = None if signs is None else RotationSigns(
+            jnp.asarray(signs, jnp.float32))
+    return model
+
+
+def online_rotation_widths(model: MoECausalLM) -> list[int]:
+    """The widths whose down_proj inputs the model rotates online (empty: no rotation)."""
+    return sorted({int(s.down_signs[...].shape[0]) for _, _, s in swiglu_stacks(model)
+                   if getattr(s, "down_signs", None) is not None})
 
 
 # ------------------------------------------------------------------------------ flat params

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from mxmoe_jax.gpus import GPU, GPUS
+
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class DeviceSpec:
@@ -24,6 +26,7 @@ class DeviceSpec:
     bf16_tflops: float  # achievable dense bf16 matrix rate (f32 accumulate), TFLOP/s
     int8_tops: float  # achievable dense int8 matrix rate (int32 accumulate), TOP/s
     fp8_tflops: float | None  # achievable dense FP8 E4M3 rate; None = no FP8 matrix unit
+    # num_sms and smem_kib: the datasheet's, from mxmoe_jax.gpus
     num_sms: int  # streaming multiprocessors (programs run one per SM in the model)
     smem_kib: int  # shared memory one program may use, KiB (tiles that need more are skipped)
     launch_us: float  # fixed device time of one kernel launch, µs
@@ -53,7 +56,7 @@ _H200_PALLAS_INT8_TOPS = 1000.0  # Pallas-Triton int8 8192^3, K-major B (XLA: 11
 _H200_PALLAS_FP8_TFLOPS = 434.0  # Pallas-Triton fp8 8192^3: a slow path today (XLA: 1128)
 
 # -- H200 SXM datasheet (NVIDIA H200 Tensor Core GPU datasheet, 2024): 4.8 TB/s HBM3e, dense
-# (no sparsity) 989 TFLOP/s bf16, 1979 TOP/s int8, 1979 TFLOP/s FP8; 132 SMs, 228 KiB smem/SM.
+# (no sparsity) 989 TFLOP/s bf16, 1979 TOP/s int8, 1979 TFLOP/s FP8 (SMs and smem: mxmoe_jax.gpus).
 _H200_SHEET = dict(hbm_tbs=4.8, bf16=989.0, int8=1979.0, fp8=1979.0)
 
 # Achieved / datasheet on the H200: how far Pallas-Triton gets on a Hopper SM. Applied to the other
@@ -75,11 +78,11 @@ _TILE_US = 0.7
 _SM_BW_SHARE = 2.0
 
 
-def _derated(name, *, hbm_tbs, bf16, int8, fp8, num_sms, smem_kib, cite) -> DeviceSpec:
+def _derated(gpu: GPU, *, hbm_tbs, bf16, int8, fp8, cite) -> DeviceSpec:
     return DeviceSpec(
-        name=name, hbm_tbs=hbm_tbs * DERATE["hbm"], bf16_tflops=bf16 * DERATE["bf16"],
+        name=gpu.name, hbm_tbs=hbm_tbs * DERATE["hbm"], bf16_tflops=bf16 * DERATE["bf16"],
         int8_tops=int8 * DERATE["int8"], fp8_tflops=None if fp8 is None else fp8 * DERATE["fp8"],
-        num_sms=num_sms, smem_kib=smem_kib, launch_us=_LAUNCH_US, tile_us=_TILE_US,
+        num_sms=gpu.num_sms, smem_kib=gpu.smem_kib, launch_us=_LAUNCH_US, tile_us=_TILE_US,
         sm_bw_share=_SM_BW_SHARE, measured=False,
         source=f"datasheet ({cite}) x achieved/peak ratios measured on an H200 "
                f"(hbm {DERATE['hbm']:.2f}, bf16 {DERATE['bf16']:.2f}, int8 {DERATE['int8']:.2f}, "
@@ -89,25 +92,25 @@ def _derated(name, *, hbm_tbs, bf16, int8, fp8, num_sms, smem_kib, cite) -> Devi
 DEVICES: dict[str, DeviceSpec] = {
     "H200": DeviceSpec(
         name="H200", hbm_tbs=_H200_PALLAS_BF16_STREAM_TBS, bf16_tflops=_H200_PALLAS_BF16_TFLOPS,
-        int8_tops=_H200_PALLAS_INT8_TOPS, fp8_tflops=_H200_PALLAS_FP8_TFLOPS, num_sms=132,
-        smem_kib=227, launch_us=_LAUNCH_US, tile_us=_TILE_US, sm_bw_share=_SM_BW_SHARE,
-        measured=True,
+        int8_tops=_H200_PALLAS_INT8_TOPS, fp8_tflops=_H200_PALLAS_FP8_TFLOPS,
+        num_sms=GPUS["H200"].num_sms, smem_kib=GPUS["H200"].smem_kib, launch_us=_LAUNCH_US,
+        tile_us=_TILE_US, sm_bw_share=_SM_BW_SHARE, measured=True,
         source="measured on one H200 with Pallas-Triton (../shared/BENCHMARKS.md, 2026-11-29): "
                "bf16 weight stream 3.97 TB/s, bf16 604 TFLOP/s, int8 1000 TOP/s, fp8 434 TFLOP/s; "
                "launch/tile overheads assumed"),
     # NVIDIA H100 Tensor Core GPU datasheet (SXM5): 3.35 TB/s HBM3, dense 989 TFLOP/s bf16,
-    # 1979 TOP/s int8, 1979 TFLOP/s FP8; 132 SMs, 228 KiB smem/SM (227 per block).
-    "H100": _derated("H100", hbm_tbs=3.35, bf16=989.0, int8=1979.0, fp8=1979.0, num_sms=132,
-                     smem_kib=227, cite="NVIDIA H100 SXM5 datasheet"),
+    # 1979 TOP/s int8, 1979 TFLOP/s FP8 (SMs and smem of every device: mxmoe_jax.gpus).
+    "H100": _derated(GPUS["H100"], hbm_tbs=3.35, bf16=989.0, int8=1979.0, fp8=1979.0,
+                     cite="NVIDIA H100 SXM5 datasheet"),
     # NVIDIA A100 Tensor Core GPU datasheet (SXM4 80GB): 2.039 TB/s HBM2e, dense 312 TFLOP/s bf16,
-    # 624 TOP/s int8, no FP8; 108 SMs, 164 KiB smem/SM (163 per block).
-    "A100": _derated("A100", hbm_tbs=2.039, bf16=312.0, int8=624.0, fp8=None, num_sms=108,
-                     smem_kib=163, cite="NVIDIA A100 SXM4 80GB datasheet"),
+    # 624 TOP/s int8, no FP8.
+    "A100": _derated(GPUS["A100"], hbm_tbs=2.039, bf16=312.0, int8=624.0, fp8=None,
+                     cite="NVIDIA A100 SXM4 80GB datasheet"),
     # NVIDIA Ada Lovelace GPU architecture whitepaper, RTX 4090: 1.008 TB/s GDDR6X, dense
     # 165.2 TFLOP/s bf16 with f32 accumulate, 660.6 TOP/s int8, 330.3 TFLOP/s FP8 with f32
-    # accumulate; 128 SMs, 100 KiB smem/SM (99 per block).
-    "RTX4090": _derated("RTX4090", hbm_tbs=1.008, bf16=165.2, int8=660.6, fp8=330.3, num_sms=128,
-                        smem_kib=99, cite="NVIDIA Ada Lovelace architecture whitepaper, RTX 4090"),
+    # accumulate.
+    "RTX4090": _derated(GPUS["RTX4090"], hbm_tbs=1.008, bf16=165.2, int8=660.6, fp8=330.3,
+                        cite="NVIDIA Ada Lovelace architecture whitepaper, RTX 4090"),
 }
 
 _ALIASES = {"H100-SXM": "H100", "A100-80GB": "A100", "A100-SXM": "A100", "RTX-4090": "RTX4090",

@@ -43,8 +43,7 @@ def tiny(tiny_dir):
 
 @pytest.fixture(scope="module")
 def windows(tiny_dir):
-    from mxmoe_jax.calib.data import token_windows, tokenize_texts
-    from mxmoe_jax.eval.perplexity import load_tokenizer
+    from mxmoe_jax.data import load_tokenizer, token_windows, tokenize_texts
 
     require_shared(BOOKS_CALIB)
     ids = tokenize_texts(load_tokenizer(tiny_dir), [BOOKS_CALIB])

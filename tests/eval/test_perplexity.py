@@ -1,4 +1,4 @@
-"""Perplexity protocol: windows, NLL bookkeeping, and parity with transformers on the tiny model."""
+"""Perplexity protocol: NLL bookkeeping, and parity with transformers on the tiny model."""
 
 from __future__ import annotations
 
@@ -11,22 +11,11 @@ import pytest
 from conftest import TINY_MODEL, WIKITEXT, require_shared, torch_available
 
 from mxmoe_jax.cli import main as cli_main
-from mxmoe_jax.eval.perplexity import perplexity, windows
+from mxmoe_jax.eval.perplexity import perplexity
 
 # WikiText-2 raw test, first 16 windows of 512 tokens, fp32, computed with transformers 5.17 and
 # 5.24 on CPU torch (../shared/models/qwen2moe-tiny-books/README.md, "Reference values").
 TINY_WIKITEXT_PPL_16x512 = 562.413
-
-
-def test_windows_drop_the_remainder_and_keep_order():
-    ids = np.arange(23, dtype=np.int32)
-    w = windows(ids, 5)
-    assert w.shape == (4, 5) and w[0, 0] == 0 and w[-1, -1] == 19
-    assert windows(ids, 5, max_windows=2).shape == (2, 5)
-    with pytest.raises(ValueError, match="fewer than one window"):
-        windows(ids, 50)
-    with pytest.raises(ValueError, match="seqlen"):
-        windows(ids, 1)
 
 
 def test_uniform_logits_give_the_vocabulary_size():

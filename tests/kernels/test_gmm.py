@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from mxmoe_jax.kernels.pallas import TileConfig, gmm, make_tiles
 from mxmoe_jax.kernels.pallas import grouped_gemm as gmm_mod
-from mxmoe_jax.kernels.pallas.dispatch import grouped_matmul, grouped_matmul_reference
+from mxmoe_jax.ops import grouped_matmul, grouped_matmul_reference
 
 from mxmoe_jax.quant import act, packing
 from mxmoe_jax.quant.rtn import quantize_rtn
@@ -184,7 +184,7 @@ def test_weight_activation_end_to_end(name, interpret):
     assert _rel(out, grouped_matmul_reference(x, p, gs)) < tol
 
 
-def test_dispatch_reference_on_cpu_and_errors():
+def test_ops_picks_the_path_by_weight_type_and_errors():
     x, w, gs = _data("mixed", 128, 32)
     wb = w.astype(jnp.bfloat16)
     out = grouped_matmul(x, wb, gs, impl="reference")
@@ -192,8 +192,16 @@ def test_dispatch_reference_on_cpu_and_errors():
     with pytest.raises(ValueError, match="impl"):
         grouped_matmul(x, wb, gs, impl="fast")
     qw = quantize_rtn(w, "w4a16_g128_asym")
-    with pytest.raises(ValueError, match="scheme"):
-        grouped_matmul(x, qw, gs, scheme="w8a8_g-1_sym", impl="interpret")
+    # QuantizedWeight and its PackedWeight are the same operand (pack is exact)
+    assert _rel(grouped_matmul_reference(x, qw, gs),
+                grouped_matmul_reference(x, packing.pack(qw), gs)) == 0
+    # interpret: a QuantizedWeight is packed and runs the scheme's kernel
+    got = grouped_matmul(x, qw, gs, impl="interpret")
+    assert _rel(got, gmm(x, packing.pack(qw), gs, interpret=True)) == 0
+    # a K-group the kernels do not implement keeps the reference, even under interpret
+    q64 = quantize_rtn(w, "w4a16_g64_asym")
+    assert _rel(grouped_matmul(x, q64, gs, impl="interpret"),
+                grouped_matmul_reference(x, q64, gs)) == 0
     with pytest.raises(ValueError, match="group_size"):
         gmm(x, packing.pack(quantize_rtn(w, "w4a16_g64_asym")), gs, interpret=True)
     with pytest.raises(ValueError, match="K="):

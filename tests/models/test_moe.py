@@ -15,7 +15,7 @@ from flax import nnx
 
 from mxmoe_jax.config import ModelConfig
 from mxmoe_jax.models import moe
-from mxmoe_jax.ops import grouped_matmul, grouped_matmul_reference, grouped_matmul_tiled
+from mxmoe_jax.ops import grouped_matmul, grouped_matmul_reference, ragged_dot_tiled
 
 RNG = np.random.default_rng(0)
 
@@ -131,8 +131,9 @@ def test_grouped_matmul_tiled_vs_loop(group_sizes, block_m):
     x = RNG.normal(size=(300, 16)).astype(np.float32)
     w = RNG.normal(size=(5, 16, 8)).astype(np.float32)
     gs = np.array(group_sizes, np.int32)
-    fn = jax.jit(grouped_matmul_tiled, static_argnames="block_m")
-    y = fn(jnp.asarray(x), jnp.asarray(w), jnp.asarray(gs), block_m=block_m)
+    fn = jax.jit(ragged_dot_tiled, static_argnames=("block_m", "precision"))
+    y = fn(jnp.asarray(x), jnp.asarray(w), jnp.asarray(gs), block_m=block_m,
+           precision=jax.lax.Precision.HIGHEST)
     np.testing.assert_allclose(np.asarray(y), np_grouped_matmul(x, w, gs), rtol=1e-5, atol=1e-4)
 
 
@@ -145,7 +146,8 @@ def test_grouped_matmul_tiled_gradients_match_reference():
     def grads(fn):
         return jax.grad(lambda a, b: jnp.sum(fn(a, b, gs) * c), argnums=(0, 1))(x, w)
 
-    got = grads(lambda a, b, g: grouped_matmul_tiled(a, b, g, block_m=8))
+    got = grads(lambda a, b, g: ragged_dot_tiled(a, b, g, block_m=8,
+                                                 precision=jax.lax.Precision.HIGHEST))
     want = grads(grouped_matmul_reference)
     for u, v in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-5)
@@ -254,26 +256,56 @@ def test_moe_block_vs_per_token_loop(case):
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_substituted_weights_and_act_quant_hook():
-    cfg = tiny_cfg()
+def test_substituted_weights_and_hooks():
+    cfg = tiny_cfg(**CASES["qwen2_shared_gate"])
     block = moe.MoEBlock(cfg, rngs=nnx.Rngs(2))
     x = jnp.asarray(RNG.normal(size=(9, 16)), jnp.float32)
-    routed = nnx.jit(lambda b, v, **kw: b.routed(v, **kw), static_argnames="act_quant")
-    base = routed(block, x)
+
+    def run(b, v, routed=None, act=None):
+        cap = {}
+        out = moe.moe_forward(b, v, routed=routed, hooks=moe.Hooks(act_quant=act, capture=cap))
+        return out, cap
+
+    run_j = nnx.jit(run, static_argnames="act")
+    base, cap = run_j(block, x)
     seen = []
 
-    def hook(rows, group_sizes, which):
-        seen.append((which, rows.shape, group_sizes.shape))
+    def hook(rows, block_name, experts):
+        seen.append((block_name, rows.shape, experts.shape))
         return rows
 
-    np.testing.assert_allclose(np.asarray(routed(block, x, act_quant=hook)), np.asarray(base),
+    np.testing.assert_allclose(np.asarray(run_j(block, x, act=hook)[0]), np.asarray(base),
                                rtol=1e-6)
-    assert seen == [("gate_up", (18, 16), (6,)), ("down", (18, 12), (6,))]
-    # the down rows zeroed -> routed output is zero; doubled down weights -> doubled output
-    zero = routed(block, x, act_quant=lambda r, g, w: r * 0 if w == "down" else r)
-    assert float(jnp.abs(zero).max()) == 0.0
-    doubled = routed(block, x, down=2 * block.experts.down[...])
-    np.testing.assert_allclose(np.asarray(doubled), 2 * np.asarray(base), rtol=1e-5, atol=1e-7)
+    # routed rows (18 = 9 tokens x 2 slots), then the shared expert's 9 rows
+    assert seen == [("gate", (18, 16), (18,)), ("up", (18, 16), (18,)), ("down", (18, 12), (18,)),
+                    ("gate", (9, 16), (9,)), ("up", (9, 16), (9,)), ("down", (9, 10), (9,))]
+    # captures: the routed and shared intermediates; y of the shared expert is its output
+    assert cap["routed"]["h"].shape == (18, 12) and cap["shared"]["x"].shape == (9, 16)
+    shared_only = np.asarray(cap["shared_weight"])[:, None] * np.asarray(cap["shared"]["y"])
+    routed_only = moe.combine(cap["routed"]["y"], cap["dispatch"], cap["topk_weight"])
+    np.testing.assert_allclose(np.asarray(routed_only) + shared_only, np.asarray(base),
+                               rtol=1e-5, atol=1e-6)
+    # the shared expert is expert E = 6 to the hooks: zero its down rows only
+    zero_shared = run_j(block, x, act=lambda r, b, e: jnp.where(
+        (e == cfg.num_experts)[:, None] & (b == "down"), 0.0, r))[0]
+    np.testing.assert_allclose(np.asarray(zero_shared), np.asarray(routed_only), rtol=1e-5,
+                               atol=1e-6)
+    # doubled down weights -> doubled routed output
+    w = block.experts.weights()
+    doubled = moe.ExpertWeights.dense(*w.gate_up[0].w, 2 * w.down[0].w)
+    got = run_j(block, x, routed=doubled)[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(base + routed_only), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_padded_layout_equals_sorted():
+    cfg = tiny_cfg(**CASES["qwen2_shared_gate"])
+    block = moe.MoEBlock(cfg, rngs=nnx.Rngs(4))
+    block.router.kernel[...] = block.router.kernel[...] * 50
+    x = jnp.asarray(RNG.normal(size=(13, 16)), jnp.float32)
+    sorted_ = nnx.jit(lambda b, v: moe.moe_forward(b, v))(block, x)
+    padded = nnx.jit(lambda b, v: moe.moe_forward(b, v, layout="padded", capacity=16))(block, x)
+    np.testing.assert_allclose(np.asarray(padded), np.asarray(sorted_), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])

@@ -22,7 +22,7 @@ from flax import nnx
 from mxmoe_jax import ops
 from mxmoe_jax.config import ModelConfig
 from mxmoe_jax.models import moe
-from mxmoe_jax.ops import grouped_matmul, grouped_matmul_reference, kernel_mode
+from mxmoe_jax.ops import grouped_matmul, grouped_matmul_reference, kernel_backward, kernel_mode
 from tests.conftest import ON_GPU
 
 # (group_sizes, M): empty experts, a one-row expert, partial tiles, rows past sum(group_sizes)
@@ -147,23 +147,28 @@ def test_gradients_match_reference_gradients(groups, interpret):
     assert {"gmm_w16a16", "tgmm"} <= _pallas_names(grad_fn, x, w)
 
 
-def test_reference_backward_by_env_is_exact(interpret, monkeypatch):
-    """MXMOE_GROUPED_MATMUL_BWD=reference: the kernel forward with the reference's own VJP."""
-    monkeypatch.setenv("MXMOE_GROUPED_MATMUL_BWD", "reference")
+def test_reference_backward_by_context_is_exact(interpret):
+    """kernel_backward("reference"): the kernel forward with the reference's own VJP."""
     x, w, gs = _data("empty_experts_padding", 32, 16, seed=1)
     dy = jax.random.normal(jax.random.key(2), (x.shape[0], 16), jnp.float32)
     kern = lambda a, b: grouped_matmul(a, b, gs, out_dtype=jnp.float32,  # noqa: E731
                                        impl=_impl(interpret))
-    got = _grads(kern, x, w, dy)
+    grad_fn = jax.jit(jax.grad(lambda a, b: jnp.sum(kern(a, b) * dy), argnums=(0, 1)))
+    with kernel_backward("reference"):
+        got = _grads(kern, x, w, dy)
+        assert "tgmm" not in _pallas_names(grad_fn, x, w)
+        ref_grads = grad_fn(x, w)
     want = _grads(lambda a, b: grouped_matmul_reference(a, b, gs, out_dtype=jnp.float32),
                   x, w, dy)
     for g, r in zip(got, want, strict=True):
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32))
-    grad_fn = jax.grad(lambda a, b: jnp.sum(kern(a, b) * dy), argnums=(0, 1))
-    assert "tgmm" not in _pallas_names(grad_fn, x, w)
-    monkeypatch.setenv("MXMOE_GROUPED_MATMUL_BWD", "xla")
-    with pytest.raises(ValueError, match="MXMOE_GROUPED_MATMUL_BWD"):
-        grouped_matmul(x, w, gs, impl=_impl(interpret))
+    # the backward choice is in jit's cache key: outside the context the kernels' VJP again
+    assert "tgmm" in _pallas_names(grad_fn, x, w)
+    for g, r in zip(grad_fn(x, w), ref_grads, strict=True):
+        assert _rel(g, r) < GRAD_TOL
+    with pytest.raises(ValueError, match="bwd"):
+        with kernel_backward("xla"):
+            pass
 
 
 def test_gradient_through_f32_master_weights(interpret):
@@ -251,10 +256,10 @@ def test_mode_switch_and_errors():
             a, b, gs, precision=jax.lax.Precision.HIGHEST), x, w)
         assert _uses_pallas(lambda a, b: grouped_matmul(
             a, b, gs, precision=jax.lax.Precision.DEFAULT), x, w)
-        for impl in ("reference", "tiled"):  # the keyword beats the mode
-            assert not _uses_pallas(lambda a, b, i=impl: grouped_matmul(a, b, gs, impl=i), x, w)
+        # the keyword beats the mode
+        assert not _uses_pallas(lambda a, b: grouped_matmul(a, b, gs, impl="reference"), x, w)
     if not ON_GPU:
-        assert not _uses_pallas(f, x, w)  # auto on the CPU: the tiled jnp version
+        assert not _uses_pallas(f, x, w)  # auto on the CPU: the reference
         with pytest.raises(ValueError, match="interpret"):
             grouped_matmul(x, w, gs, impl="kernel")
     with pytest.raises(ValueError, match="impl"):
@@ -289,8 +294,8 @@ def test_set_kernel_mode_is_global():
     try:
         ops.set_kernel_mode("reference")
         assert ops.get_kernel_mode() == "reference"
-        with kernel_mode("tiled"):
-            assert ops.get_kernel_mode() == "tiled"
+        with kernel_mode("interpret"):
+            assert ops.get_kernel_mode() == "interpret"
         assert ops.get_kernel_mode() == "reference"
     finally:
         ops.set_kernel_mode(before)

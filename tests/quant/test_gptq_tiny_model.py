@@ -22,7 +22,7 @@ LAYER = 3  # a middle layer
 
 @functools.lru_cache(maxsize=1)
 def _setup():
-    from mxmoe_jax.eval.perplexity import load_tokenizer, tokenize_file, windows
+    from mxmoe_jax.data import load_tokenizer, tokenize_texts, whole_windows
     from mxmoe_jax.models import forward_hidden, from_flat_params
     from mxmoe_jax.models.moe import dispatch, route
     from tests.quant.helpers import load_hf_flat
@@ -33,7 +33,7 @@ def _setup():
     block = model.layers[LAYER].mlp
 
     def routed_inputs(path, n):
-        ids = windows(tokenize_file(tok, path), 256, n)
+        ids = whole_windows(tokenize_texts(tok, [path]), 256, n)
         _, cap = forward_hidden(model, jnp.asarray(ids), capture=[LAYER], with_logits=False)
         x_td = cap[LAYER].reshape(-1, cfg.hidden_size)
         idx, weight = route(block.router_logits(x_td), cfg)
