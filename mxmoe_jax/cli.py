@@ -18,6 +18,7 @@ _COMMANDS = (
     "mxmoe_jax.calib.calibrate_cli",
     "mxmoe_jax.perf.cli",
     "mxmoe_jax.alloc.cli",
+    "mxmoe_jax.quantize.cli",
     "mxmoe_jax.eval.cli",
     "mxmoe_jax.pipeline",
 )

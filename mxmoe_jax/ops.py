@@ -39,8 +39,9 @@ so it runs under a ``jax.custom_vjp``. ``dy`` is cast to ``x``'s dtype, ``dx = g
 forward kernel reading ``w`` K-major in place, ``transpose_w=True``) and ``dw[e] = x_e^T dy_e`` by
 ``tgmm`` (f32 accumulation, stored in ``w``'s dtype); ``group_sizes`` gets no cotangent. The
 gradients are the reference's up to bf16 roundings, not bit for bit.
-``kernel_backward("reference")`` brings back the reference's VJP (XLA's ``ragged_dot`` transpose: ~210 of 261 ms of a Qwen1.5-MoE
-block's forward + backward at 8192 tokens on the H200, ``bench/model_layer.py``) for comparisons.
+``kernel_backward("reference")`` brings back the reference's VJP (XLA's ``ragged_dot`` transpose:
+~210 of 261 ms of a Qwen1.5-MoE block's forward + backward at 8192 tokens on the H200,
+``bench/model_layer.py``) for comparisons.
 Quantized weights have no gradient.
 
 ``kernel_mode`` and ``kernel_backward`` are JAX config states: thread-local and part of jit's cache
@@ -55,6 +56,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mxmoe_jax.quant import act
 from mxmoe_jax.quant.packing import PackedWeight, dequantize_packed, pack
@@ -265,6 +267,82 @@ def grouped_matmul_reference(x: jax.Array, w: Weight, group_sizes: jax.Array, *,
     y = _ragged_dot(xf, dequantize_weight(w).astype(jnp.float32), group_sizes,
                     precision=jax.lax.Precision.HIGHEST)
     return y.astype(out_dtype)
+
+
+def expert_of_row(group_sizes: jax.Array, m: int) -> jax.Array:
+    """``[M]`` int32 expert of each sorted row; ``E`` for padding rows past ``sum(group_sizes)``."""
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+    return jnp.searchsorted(ends, jnp.arange(m, dtype=jnp.int32), side="right").astype(jnp.int32)
+
+
+def _by_scheme_reference(x, parts, group_sizes, out_dtype):
+    """The reference of ``grouped_matmul_by_scheme``: every part dequantized into one f32
+    ``[E, K, N]`` stack, each row's activations fake-quantized with its expert's scheme, one f32
+    ragged matmul (the same numbers as one reference call per part)."""
+    e = group_sizes.shape[0]
+    _, k, n = weight_shape(parts[0][0])
+    w_full = jnp.zeros((e, k, n), jnp.float32)
+    ex = expert_of_row(group_sizes, x.shape[0])  # [M]
+    xf = x.astype(jnp.float32)
+    xq = xf
+    for w, experts in parts:
+        idx = jnp.asarray(experts, jnp.int32)
+        w_full = w_full.at[idx].set(dequantize_weight(w).astype(jnp.float32))
+        scheme = weight_scheme(w)
+        if not scheme.weight_only:
+            rows = jnp.isin(ex, idx)[:, None]
+            xq = jnp.where(rows, act.dequantize_activations(*act.quantize_activations(xf, scheme)),
+                           xq)
+    y = _ragged_dot(xq, w_full, group_sizes, precision=jax.lax.Precision.HIGHEST)
+    return y.astype(out_dtype)
+
+
+def grouped_matmul_by_scheme(x: jax.Array, parts, group_sizes: jax.Array, *, out_dtype=None,
+                             precision=None, impl: str | None = None) -> jax.Array:
+    """``grouped_matmul`` whose experts are split into parts of different formats.
+
+    ``parts``: ``[(w, experts)]``, ``w [n, K, N]`` of any format holding the experts ``experts``
+    (ascending; the parts partition ``range(E)``). Kernel path: one ``grouped_matmul`` launch per
+    part; the rows are permuted so that each part's experts are contiguous (parts in order),
+    each part multiplies the ``M`` rows from its offset (its own rows first; the rest are padding
+    and come out zero), the results are written back in part order (each write overwrites the
+    zero tail of the one before) and unpermuted. Reference: ``_by_scheme_reference``.
+    """
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    e = int(group_sizes.shape[0])
+    if sorted(ex for _, experts in parts for ex in experts) != list(range(e)):
+        raise ValueError(f"parts: their experts must partition range({e})")
+    if len(parts) == 1:
+        return grouped_matmul(x, parts[0][0], group_sizes, out_dtype=out_dtype,
+                              precision=precision, impl=impl)
+    impl = get_kernel_mode() if impl is None else _check_choice(impl, IMPLS, "impl")
+    on_kernel = impl in ("kernel", "interpret") or (impl == "auto"
+                                                    and jax.default_backend() == "gpu")
+    if not on_kernel or not all(_kernel_applies(x, w, out_dtype, precision) for w, _ in parts):
+        return _by_scheme_reference(x, parts, group_sizes, out_dtype)
+    m = x.shape[0]
+    order = [ex for _, experts in parts for ex in experts]
+    perm = None
+    if order != list(range(e)):
+        rank = np.empty(e + 1, np.int32)
+        rank[order] = np.arange(e)
+        rank[e] = e  # padding rows last
+        perm = jnp.argsort(jnp.asarray(rank)[expert_of_row(group_sizes, m)], stable=True)
+        x = x[perm]
+    x = jnp.concatenate([x, jnp.zeros_like(x)])  # slices never clamp
+    out, off = None, jnp.zeros((), jnp.int32)
+    for w, experts in parts:
+        gs = group_sizes[np.asarray(experts)]
+        y = grouped_matmul(jax.lax.dynamic_slice_in_dim(x, off, m), w, gs, out_dtype=out_dtype,
+                           precision=precision, impl=impl)  # [M, N]
+        if out is None:
+            out = jnp.zeros((2 * m, y.shape[-1]), y.dtype)
+        out = jax.lax.dynamic_update_slice_in_dim(out, y, off, 0)
+        off = off + jnp.sum(gs)
+    y = out[:m]
+    if perm is not None:
+        y = jnp.zeros_like(y).at[perm].set(y)
+    return y
 
 
 # ---------------------------------------------------------------------------------- kernel path

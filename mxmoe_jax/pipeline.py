@@ -145,31 +145,34 @@ def _cli(argv: list[str]) -> None:
 
 def _evaluate(args, model_dir: Path, calib, eval_text: str, schemes, out: Path) -> dict:
     """Perplexity of the FP model, of every uniform scheme, and of the mixed allocation."""
-    from mxmoe_jax.alloc.qconfig import load_qconfig
-    from mxmoe_jax.data import load_tokenizer, sample_windows, tokenize_texts, whole_windows
-    from mxmoe_jax.eval.perplexity import perplexity
-    from mxmoe_jax.eval.quantized import plan_from_qconfig, quantized_logits_fn
-    from mxmoe_jax.models.io import load_flat_params
-    from mxmoe_jax.quant.fakequant import QuantPlan
-    from mxmoe_jax.quant.scheme import QScheme
+    import jax.numpy as jnp
 
-    cfg, flat = load_flat_params(model_dir, "fp32")
+    from mxmoe_jax.alloc.qconfig import Allocation, load_qconfig
+    from mxmoe_jax.data import load_tokenizer, tokenize_texts, whole_windows
+    from mxmoe_jax.eval.perplexity import perplexity
+    from mxmoe_jax.models import forward
+    from mxmoe_jax.models.io import load_model_dir
+    from mxmoe_jax.quant.scheme import QScheme
+    from mxmoe_jax.quantize.pipeline import QuantizeConfig, quantize_in_memory
+
+    cfg, model = load_model_dir(model_dir, dtype=jnp.float32)
     tok = load_tokenizer(model_dir)
     ids = whole_windows(tokenize_texts(tok, [eval_text]), args.seqlen, args.max_windows)
-    calib_ids = None
-    if args.method == "gptq":
-        calib_ids = sample_windows(tokenize_texts(tok, calib), args.seqlen, args.nsamples)
+    config = QuantizeConfig(method=args.method, calib=tuple(calib) if args.method == "gptq"
+                            else (), calib_windows=args.nsamples, seqlen=args.seqlen)
     qconfig = load_qconfig(out / "qconfig.json")
     rows = {"fp32": (16.0, None)}
     uniform = qconfig["summary"].get("uniform", {})  # the solver's bits, per-channel scales counted
     rows.update({s: ((uniform.get(s) or {}).get("wbits", QScheme.parse(s).bits_per_weight()),
-                     QuantPlan.uniform(cfg, s)) for s in schemes})
+                     Allocation.uniform(cfg, s)) for s in schemes})
     rows[f"mixed (solve, {args.wbits} bits)"] = (qconfig["summary"]["wbits"],
-                                                 plan_from_qconfig(cfg, qconfig))
+                                                 Allocation.from_qconfig(cfg, qconfig))
     result = {"text": eval_text, "windows": int(ids.shape[0]), "ppl": {}}
-    for name, (bits, plan) in rows.items():
-        fn = quantized_logits_fn(cfg, flat, plan, method=args.method, calib_windows=calib_ids)
-        result["ppl"][name] = {"wbits": round(bits, 3), "ppl": round(perplexity(fn, ids).ppl, 4)}
+    for name, (bits, allocation) in rows.items():
+        m = model if allocation is None else quantize_in_memory(
+            model, allocation, config, tokenizer_dir=model_dir)[0]
+        ppl = perplexity(lambda batch, m=m: forward(m, batch), ids).ppl
+        result["ppl"][name] = {"wbits": round(bits, 3), "ppl": round(ppl, 4)}
         print(f"  {name:<32} wbits {bits:6.3f}  ppl {result['ppl'][name]['ppl']}", flush=True)
     return result
 

@@ -34,7 +34,6 @@ from mxmoe_jax.quant.scheme import QScheme
 TRACE_FORMAT = "mxmoe-jax/trace/1"
 LOSS_FORMAT = "mxmoe-jax/loss/1"
 GROUPS = ("gate_up", "down")
-BLOCKS = ("gate", "up", "down")
 GRANULARITIES = ("linear", "expert")
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mxmoe_jax.alloc.problem import BLOCKS
+from mxmoe_jax.config import BLOCKS
 from mxmoe_jax.quant.scheme import QScheme
 
 FORMAT = "mxmoe-jax/qconfig/1"
@@ -112,3 +112,114 @@ def from_original(orig: dict, *, source: str = "original") -> dict:
                      summary={})
     # the original does not force gate == up in its expert-granularity files: say so clearly
     return validate_qconfig(q, source)
+
+
+# ------------------------------------------------------------------------------ Allocation
+
+def _stack_widths(cfg, layer: int, expert: int) -> tuple[int, int] | None:
+    """``(K of gate/up, K of down)`` of expert ``expert`` of ``layer``, or None if it has none."""
+    d = cfg.hidden_size
+    if not cfg.is_moe_layer(layer):
+        return (d, cfg.intermediate_size) if expert == 0 else None
+    if 0 <= expert < cfg.num_experts:
+        return (d, cfg.moe_intermediate_size)
+    if expert == cfg.num_experts and cfg.shared_intermediate_size > 0:
+        return (d, cfg.shared_intermediate_size)
+    return None
+
+
+class Allocation:
+    """The scheme of each quantized expert block: ``(layer, expert, block) -> QScheme``.
+
+    The one in-memory form of an allocation (qconfig.json is its file form: `from_qconfig`,
+    `to_layers`). Experts are numbered as in MxMoE: routed ``0..E-1``, the shared expert ``E``; a
+    dense layer's MLP is expert 0. Blocks absent stay unquantized. Checked against the model on
+    construction: layers and experts exist, gate and up share a scheme (they run as one GEMM), and
+    each scheme's group size divides its block's K. Hashable (a static argument of jit).
+    """
+
+    __slots__ = ("items",)
+
+    def __init__(self, cfg, mapping, *, where: str = "allocation"):
+        items = []
+        per_expert: dict[tuple[int, int], dict[str, QScheme]] = {}
+        for key, s in mapping.items():
+            layer, expert, block = key
+            layer, expert = int(layer), int(expert)
+            if block not in BLOCKS:
+                raise ValueError(f"{where}: block {block!r} is not one of {BLOCKS}")
+            if not 0 <= layer < cfg.num_layers:
+                raise ValueError(f"{where}: layer {layer} does not exist (the model has "
+                                 f"{cfg.num_layers} layers)")
+            widths = _stack_widths(cfg, layer, expert)
+            if widths is None:
+                top = (cfg.num_experts + (cfg.shared_intermediate_size > 0)
+                       if cfg.is_moe_layer(layer) else 1)
+                raise ValueError(f"{where}: layer {layer} has no expert {expert} (experts "
+                                 f"0..{top - 1})")
+            try:
+                scheme = QScheme.parse(s)
+            except ValueError as err:
+                raise ValueError(f"{where}: layer {layer} expert {expert} {block}: {err}") from None
+            k = widths[1] if block == "down" else widths[0]
+            g = scheme.group_size
+            if scheme.w_bits != 16 and g != -1 and k % g:
+                raise ValueError(f"{where}: layer {layer} expert {expert} {block}: group size {g} "
+                                 f"of {scheme.name} does not divide K = {k}")
+            per_expert.setdefault((layer, expert), {})[block] = scheme
+            items.append(((layer, expert, block), scheme))
+        for (layer, expert), blocks in per_expert.items():
+            if blocks.get("gate") != blocks.get("up"):
+                raise ValueError(f"{where}: layer {layer} expert {expert}: gate and up must share "
+                                 "a scheme (they run as one GEMM)")
+        self.items = tuple(sorted(items, key=lambda kv: kv[0]))
+
+    @classmethod
+    def from_qconfig(cls, cfg, q: dict, where: str = "qconfig") -> Allocation:
+        """The allocation of a qconfig.json dict, checked against the model ``cfg``."""
+        validate_qconfig(q, where)
+        return cls(cfg, {(int(li), int(e), b): s for li, experts in q["layers"].items()
+                         for e, blocks in experts.items() for b, s in blocks.items()},
+                   where=where)
+
+    @classmethod
+    def uniform(cls, cfg, scheme, *, shared: bool = True, dense: bool = False) -> Allocation:
+        """Every routed expert block of every MoE layer (and the shared expert / dense MLPs)."""
+        m = {}
+        for layer in range(cfg.num_layers):
+            if cfg.is_moe_layer(layer):
+                experts = list(range(cfg.num_experts))
+                if shared and cfg.shared_intermediate_size > 0:
+                    experts.append(cfg.num_experts)
+            else:
+                experts = [0] if dense else []
+            for e in experts:
+                for b in BLOCKS:
+                    m[(layer, e, b)] = scheme
+        return cls(cfg, m, where=f"scheme {QScheme.parse(scheme).name}")
+
+    def as_dict(self) -> dict[tuple[int, int, str], QScheme]:
+        return dict(self.items)
+
+    def layer(self, i: int) -> dict[tuple[int, str], QScheme]:
+        """``(expert, block) -> scheme`` of layer ``i``."""
+        return {(e, b): s for (li, e, b), s in self.items if li == i}
+
+    def to_layers(self) -> dict:
+        """The ``layers`` object of qconfig.json."""
+        out: dict = {}
+        for (li, e, b), s in self.items:
+            out.setdefault(str(li), {}).setdefault(str(e), {})[b] = s.name
+        return out
+
+    def schemes(self) -> list[QScheme]:
+        return sorted({s for _, s in self.items}, key=str)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Allocation) and self.items == other.items
+
+    def __hash__(self) -> int:
+        return hash(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)

@@ -1,4 +1,4 @@
-"""``mxmoe-jax eval``: perplexity of a converted (or quantized) model on a text file."""
+"""``mxmoe-jax eval``: perplexity of a converted or quantized model on a text file."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import json
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity on a text file (the original MxMoE protocol)",
                        description=__doc__)
-    p.add_argument("--model", required=True, help="MODEL_DIR written by `mxmoe-jax convert`")
+    p.add_argument("--model", required=True,
+                   help="MODEL_DIR (`convert`) or QMODEL_DIR (`quantize`)")
     p.add_argument("--text", required=True, help="UTF-8 text file, tokenized whole")
     p.add_argument("--tokenizer", help="folder with the HF tokenizer (default: the model folder)")
     p.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048)")
@@ -17,10 +18,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="parameter and compute dtype (default fp32; NLL is always f32)")
+    p.add_argument("--impl", choices=("auto", "kernel", "interpret", "reference"),
+                   default="auto", help="expert GEMM path (ops.grouped_matmul): auto = the "
+                   "Pallas kernels on an NVIDIA GPU where they apply (bf16), else the reference")
     q = p.add_mutually_exclusive_group()
-    q.add_argument("--qconfig", help="quantize the expert blocks as this qconfig.json (solve)")
-    q.add_argument("--scheme", help="quantize every expert block with one scheme, e.g. "
-                                    "w4a16_g128_asym (uniform)")
+    q.add_argument("--qconfig", help="quantize a MODEL_DIR's expert blocks in memory as this "
+                                     "qconfig.json (solve)")
+    q.add_argument("--scheme", help="quantize every expert block of a MODEL_DIR in memory with one "
+                                    "scheme, e.g. w4a16_g128_asym (uniform)")
     p.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
                    help="weight quantizer with --qconfig/--scheme (gptq needs --calib)")
     p.add_argument("--calib", nargs="+", metavar="FILE", help="GPTQ calibration text file(s)")
@@ -38,18 +43,28 @@ def register(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
-    from mxmoe_jax.eval.perplexity import load_tokenizer, perplexity, tokenize_file, windows
+    from mxmoe_jax.data import load_tokenizer, tokenize_texts, whole_windows
+    from mxmoe_jax.eval.perplexity import perplexity
     from mxmoe_jax.models import forward
-    from mxmoe_jax.models.io import load_model_dir
+    from mxmoe_jax.ops import kernel_mode
+    from mxmoe_jax.quantize.checkpoint import is_qmodel_dir, load_any
 
+    dtype = jnp.float32 if args.dtype == "fp32" else jnp.bfloat16
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    ids = windows(tokenize_file(tokenizer, args.text), args.seqlen, args.max_windows)
-    if args.qconfig or args.scheme or args.hadamard:
-        logits_fn = _quantized(args, tokenizer)
+    ids = whole_windows(tokenize_texts(tokenizer, [args.text]), args.seqlen, args.max_windows)
+    in_memory = args.qconfig or args.scheme or args.hadamard
+    if in_memory and is_qmodel_dir(args.model):
+        raise ValueError("--qconfig/--scheme/--hadamard: the model is already quantized (a "
+                         "QMODEL_DIR); evaluate it without them")
+    if in_memory:
+        model = _quantize(args, dtype)
     else:
-        dtype = jnp.float32 if args.dtype == "fp32" else jnp.bfloat16
-        _, model = load_model_dir(args.model, dtype=dtype)
-        logits_fn = lambda batch: forward(model, batch)  # noqa: E731
+        _, model = load_any(args.model, dtype=dtype)
+
+    def logits_fn(batch):
+        with kernel_mode(args.impl):
+            return forward(model, batch)
+
     result = perplexity(logits_fn, ids, batch_size=args.batch_size, progress=not args.json)
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -59,28 +74,26 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quantized(args: argparse.Namespace, tokenizer):
-    """Logits function of the fake-quantized model (fp32 reference form)."""
-    from mxmoe_jax.alloc.qconfig import load_qconfig
-    from mxmoe_jax.calib.data import sample_windows, tokenize_texts
-    from mxmoe_jax.eval.quantized import plan_from_qconfig, quantized_logits_fn
-    from mxmoe_jax.models.io import load_flat_params
-    from mxmoe_jax.quant.fakequant import QuantPlan
+def _quantize(args: argparse.Namespace, dtype):
+    """The MODEL_DIR quantized in memory (as `quantize` would write it), in ``dtype``."""
+    import jax.numpy as jnp
 
-    if args.dtype != "fp32":
-        raise ValueError("--dtype: quantized evaluation runs in fp32 (the reference form)")
-    cfg, flat = load_flat_params(args.model, "fp32")
-    if args.qconfig:
-        plan = plan_from_qconfig(cfg, load_qconfig(args.qconfig))
-    elif args.scheme:
-        plan = QuantPlan.uniform(cfg, args.scheme)
+    from mxmoe_jax.models.io import load_model_dir
+    from mxmoe_jax.quantize.pipeline import QuantizeConfig, quantize_in_memory, resolve_allocation
+
+    config = QuantizeConfig(method=args.method, hadamard=args.hadamard, seed=args.seed,
+                            calib=tuple(args.calib or ()), calib_windows=args.calib_windows,
+                            seqlen=args.seqlen)
+    cfg, model = load_model_dir(args.model, dtype=jnp.float32)
+    if args.qconfig or args.scheme:
+        allocation = resolve_allocation(cfg, qconfig=args.qconfig, scheme=args.scheme)
     else:
-        plan = None
-    calib = None
-    if args.method == "gptq" and plan is not None:
-        if not args.calib:
-            raise ValueError("--method gptq needs --calib FILE (calibration text)")
-        calib = sample_windows(tokenize_texts(tokenizer, args.calib), args.seqlen,
-                               args.calib_windows, seed=args.seed)
-    return quantized_logits_fn(cfg, flat, plan, method=args.method, hadamard=args.hadamard,
-                               seed=args.seed, calib_windows=calib, progress=not args.json)
+        from mxmoe_jax.alloc.qconfig import Allocation
+
+        allocation = Allocation(cfg, {})  # --hadamard alone: the rotated FP model
+    qmodel, _, _ = quantize_in_memory(model, allocation, config, tokenizer_dir=args.model,
+                                      progress=not args.json)
+    if dtype != jnp.float32:
+        raise ValueError("--dtype: in-memory quantization runs in fp32 (the reference form); "
+                         "write a QMODEL_DIR with `quantize` to evaluate it in bf16")
+    return qmodel

@@ -60,7 +60,14 @@ from flax import nnx
 
 from mxmoe_jax.config import ModelConfig
 from mxmoe_jax.models.layers import linear, matmul_precision
-from mxmoe_jax.ops import Weight, dequantize_weight, grouped_matmul, weight_scheme
+from mxmoe_jax.ops import (
+    Weight,
+    dequantize_weight,
+    expert_of_row,
+    grouped_matmul,
+    grouped_matmul_by_scheme,
+    weight_scheme,
+)
 from mxmoe_jax.quant import hadamard
 from mxmoe_jax.quant.act import fake_quant_activations
 from mxmoe_jax.quant.scheme import W16A16, QScheme
@@ -157,12 +164,6 @@ def combine(y_sorted: jax.Array, d: Dispatch, topk_weight: jax.Array) -> jax.Arr
         y_sorted.astype(jnp.float32))  # [T*k, D] in (token, slot) order
     y = y.reshape(t, k, -1)
     return jnp.einsum("tk,tkd->td", topk_weight.astype(jnp.float32), y, precision=_HI)
-
-
-def expert_of_row(group_sizes: jax.Array, m: int) -> jax.Array:
-    """``[M]`` int32 expert of each sorted row; ``E`` for padding rows past ``sum(group_sizes)``."""
-    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
-    return jnp.searchsorted(ends, jnp.arange(m, dtype=jnp.int32), side="right").astype(jnp.int32)
 
 
 # ---------------------------------------------------------------------------------- padded rows
@@ -298,39 +299,16 @@ class SortedRows:
 
     def project(self, xs: tuple[jax.Array, ...], groups: tuple[SchemeGroup, ...],
                 fn: Callable) -> jax.Array:
-        """``fn(xs, w, group_sizes) -> [M, N]`` per scheme group, assembled in row order.
-
-        Several groups: the rows are permuted so that each group's experts are contiguous
-        (groups in order, experts ascending), each group multiplies the ``M`` rows from its offset
-        (its own rows first, the tail are padding and come out zero), and the results are written
-        back in group order (each write overwrites the zero tail of the one before) and unpermuted.
-        """
-        e = int(self.group_sizes.shape[0])
+        """``fn(xs, w, group_sizes) -> [M, N]`` for one group; several groups (one input): one
+        ``ops.grouped_matmul_by_scheme`` (a launch per scheme on the kernels)."""
         if len(groups) == 1:
             return fn(xs, groups[0].w, self.group_sizes)
-        order = [ex for g in groups for ex in g.experts]
-        m = self.m
-        perm = None
-        if order != list(range(e)):
-            rank = np.empty(e + 1, np.int32)
-            rank[order] = np.arange(e)
-            rank[e] = e  # padding rows last
-            perm = jnp.argsort(jnp.asarray(rank)[self.expert_ids()], stable=True)
-            xs = tuple(x[perm] for x in xs)
-        sizes = [jnp.sum(self.group_sizes[np.asarray(g.experts)]) for g in groups]
-        xs = tuple(jnp.concatenate([x, jnp.zeros_like(x)]) for x in xs)  # slices never clamp
-        out, off = None, jnp.zeros((), jnp.int32)
-        for g, size in zip(groups, sizes, strict=True):
-            part = tuple(jax.lax.dynamic_slice_in_dim(x, off, m) for x in xs)
-            y = fn(part, g.w, self.group_sizes[np.asarray(g.experts)])  # [M, N]
-            if out is None:
-                out = jnp.zeros((2 * m, y.shape[-1]), y.dtype)
-            out = jax.lax.dynamic_update_slice_in_dim(out, y, off, 0)
-            off = off + size
-        y = out[:m]
-        if perm is not None:
-            y = jnp.zeros_like(y).at[perm].set(y)
-        return y
+        if len(xs) > 1 and xs[0] is not xs[1]:
+            raise ValueError("hooks.act_quant: gate and up inputs differ, which needs one FP "
+                             "group of separate gate and up weights")
+        return grouped_matmul_by_scheme(xs[0], [(g.w, g.experts) for g in groups],
+                                        self.group_sizes, out_dtype=jnp.float32,
+                                        precision=self.precision, impl=self.impl)
 
 
 class PaddedRows:
@@ -430,7 +408,7 @@ class Experts(nnx.Module):
         self.gate = nnx.Param(init(rngs.params(), (e, d, i), param_dtype))
         self.up = nnx.Param(init(rngs.params(), (e, d, i), param_dtype))
         self.down = nnx.Param(init(rngs.params(), (e, i, d), param_dtype))
-        self.down_signs = None  # RotationSigns [I] under an online down_proj rotation
+        self.down_signs = nnx.data(None)  # RotationSigns [I] under an online down_proj rotation
 
     def weights(self) -> ExpertWeights:
         return ExpertWeights.dense(self.gate[...], self.up[...], self.down[...])
@@ -447,7 +425,7 @@ class MLP(nnx.Module):
         self.gate_proj = linear(d, i, **kw)
         self.up_proj = linear(d, i, **kw)
         self.down_proj = linear(i, d, **kw)
-        self.down_signs = None  # RotationSigns [I] under an online down_proj rotation
+        self.down_signs = nnx.data(None)  # RotationSigns [I] under an online down_proj rotation
 
     def weights(self) -> ExpertWeights:
         return ExpertWeights.dense(self.gate_proj.kernel[...][None], self.up_proj.kernel[...][None],
@@ -464,7 +442,7 @@ class QuantizedExperts(nnx.Module):
     def __init__(self, weights: ExpertWeights, *, dtype, down_signs=None):
         self.params = QuantizedParams(weights)
         self.dtype = dtype
-        self.down_signs = None if down_signs is None else RotationSigns(down_signs)
+        self.down_signs = nnx.data(None if down_signs is None else RotationSigns(down_signs))
 
     def weights(self) -> ExpertWeights:
         return self.params.get_value()

@@ -18,7 +18,8 @@ activations lose far less (paper §5, the W5A5 / W4A4 results). Steps, on flat p
 3. ``online_down``: every down_proj input (routed experts, shared expert, dense MLP) is rotated by
    ``Q_I`` at run time and the weight pre-multiplied, ``W_down <- Q_I^T W_down``. MxMoE's release
    disables this (it failed for DS2-Lite's 1408 = 11 * 128); we build every size (``hadamard``).
-   The forward that applies the online part is ``fakequant.quant_forward(..., rotation=...)``.
+   The model applies the online part itself once ``models.set_rotation`` gave its SwiGLU stacks
+   the signs (``quantize.rotation.rotate_model`` does both).
 
 Attention internals (q/k norms, MLA's kv_b_proj, q_b_proj and their norms) are not touched.
 The seed and every sign vector are returned (``Rotation``) and saved with the weights
@@ -196,18 +197,3 @@ def rotate_params(cfg, flat, *, seed: int = 0, online_down: bool = True):
         hf["tie_word_embeddings"] = False
         cfg = dataclasses.replace(cfg, tie_word_embeddings=False, hf_config=hf)
     return cfg, {k: v.astype(dtypes[k]) for k, v in out.items()}, rot
-
-
-def rotate_model(model, *, seed: int = 0, online_down: bool = False):
-    """A rotated copy of a ``MoECausalLM`` (same dtype); its plain forward gives the same logits.
-
-    ``online_down=False`` by default, because a model's own forward cannot apply the online
-    rotation of down_proj inputs; with ``online_down=True`` evaluate the result with
-    ``fakequant.quant_forward(..., rotation=make_rotation(cfg, seed))``, which draws the same
-    signs (``rotate_params`` returns them too).
-    """
-    from mxmoe_jax.models import from_flat_params, to_flat_params
-
-    cfg, flat, _ = rotate_params(model.cfg, to_flat_params(model), seed=seed,
-                                 online_down=online_down)
-    return from_flat_params(cfg, flat, dtype=model.dtype)
