@@ -135,9 +135,9 @@ def run(models, tokens_list, schemes, *, reps: int = 20, sweep: bool = False,
     import jax.numpy as jnp
     from jax import lax
     from mxmoe_jax.kernels.pallas import choose_tile, gmm
-    from mxmoe_jax.ops import grouped_matmul_reference
 
     from bench.timing import device_time_us
+    from mxmoe_jax.ops import grouped_matmul_reference
     from mxmoe_jax.quant import packing
     from mxmoe_jax.quant.rtn import quantize_rtn
     from mxmoe_jax.quant.scheme import QScheme

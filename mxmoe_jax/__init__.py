@@ -3,7 +3,8 @@
 A reimplementation of MxMoE (arXiv 2505.05799). Subpackages: ``models`` (Flax NNX MoE models),
 ``quant`` (schemes, quantizers, packing), ``calib`` (trace, per-block loss), ``alloc`` (the MILP),
 ``perf`` (kernel cost tables), ``eval`` (perplexity), ``kernels`` (Pallas grouped GEMMs, source in
-the repository's ``kernels/``) and ``convert`` (HF <-> Flax, source in ``convert/``).
+the repository's ``kernels/``) and ``convert`` (HF <-> Flax, source in ``convert/``); modules
+``data`` (tokenizer, text -> token windows) and ``gpus`` (SM counts and shared memory per GPU).
 """
 
 import importlib.util as _ilu

@@ -1,14 +1,18 @@
 """Dynamic symmetric activation quantization kernel (per token, or per token and 128-wide K-group).
 
-The same function as ``mxmoe_jax.quant.act.quantize_activations`` (its docstring is the spec):
-``scale = max|x| / a_qmax`` (``/ 448`` for FP8) per row or per K-group, 1 for an all-zero group,
-codes ``round_half_even(x / scale)`` clipped to ``[-a_qmax, a_qmax]`` (int8), or ``x / scale`` cast
-to float8_e4m3fn. One program per ``bm`` rows and K-group (per token: the whole row, padded to a
+The same function, bit for bit, as ``mxmoe_jax.quant.act.quantize_activations`` (its docstring is
+the spec): per row or K-group ``amax = max|x|``, ``(scale, inv) = (RN(amax / Q), RN(Q / amax))``
+from ``act.scale_and_inverse`` (the reference's own code: int32 long division, exact on every
+backend; ``(1, 0)`` for a group with ``amax < 2^-100``), codes ``round_half_even(RN(x * inv))``
+clipped to ``[-a_qmax, a_qmax]`` (int8), or ``RN(x * inv)`` clipped to ``[-448, 448]`` and cast to
+float8_e4m3fn. One program per ``bm`` rows and K-group (per token: the whole row, padded to a
 power of two) loads its block once: max, scale, quantize, store.
 
-Triton has no round primitive here, so rounding uses the f32 trick
-``(y + 1.5 * 2^23) - 1.5 * 2^23``, exact round-half-to-even for ``|y| < 2^22`` (codes are at
-most 127).
+No floating-point division anywhere: Triton lowers f32 ``/`` to the approximate ``div.full.f32``.
+Compiled, the per-element multiply and round are PTX ``mul.rn.f32`` and ``cvt.rni.f32.f32``
+through ``elementwise_inline_asm`` (an explicitly rounded multiply is never contracted into an FMA
+with what follows, and Triton has no round primitive here); interpret mode computes the same
+values with jnp (``jnp.round`` is round half to even).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from mxmoe_jax.quant.act import scale_and_inverse
 from mxmoe_jax.quant.scheme import QScheme
 
 with warnings.catch_warnings():
@@ -27,7 +32,18 @@ with warnings.catch_warnings():
     from jax.experimental.pallas import triton as plgpu
 
 FP8_MAX = 448.0
-_ROUND = 12582912.0  # 1.5 * 2**23
+
+
+def _mul_round(x, inv, *, rnd: bool, interpret: bool):
+    """``RN(x * inv)``, then (``rnd``) rounded half to even to an integer, elementwise, f32."""
+    if interpret:
+        y = x * inv
+        return jnp.round(y) if rnd else y
+    asm = ("{\n.reg .f32 t;\nmul.rn.f32 t, $1, $2;\ncvt.rni.f32.f32 $0, t;\n}" if rnd
+           else "mul.rn.f32 $0, $1, $2;")
+    return plgpu.elementwise_inline_asm(
+        asm, args=[x, inv], constraints="=f,f,f", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])[0]
 
 
 def _act_quant_kernel(
@@ -35,7 +51,7 @@ def _act_quant_kernel(
     x_ref,
     # outputs
     q_ref, s_ref,
-    *, k: int, m: int, bm: int, width: int, qmax: float, fp8: bool,
+    *, k: int, m: int, bm: int, width: int, qmax: float, fp8: bool, interpret: bool,
 ):
     """One ``[bm, width]`` block: the whole row (per token) or one K-group, loaded once."""
     i, g = pl.program_id(0), pl.program_id(1)
@@ -46,14 +62,14 @@ def _act_quant_kernel(
     mask = rows_ok[:, None] & (ks < k)[None, :]
     xb = plgpu.load(x_ref.at[pl.ds(r0, bm), pl.ds(c0, width)], mask=mask, other=0.0)
     xb = xb.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(xb), axis=1) / qmax
-    scale = jnp.where(scale == 0, 1.0, scale)
+    scale, inv = scale_and_inverse(jnp.max(jnp.abs(xb), axis=1), qmax)
     plgpu.store(s_ref.at[pl.ds(r0, bm), g], scale, mask=rows_ok)
-    y = xb / scale[:, None]
+    y = _mul_round(xb, jnp.broadcast_to(inv[:, None], xb.shape), rnd=not fp8,
+                   interpret=interpret)
     if fp8:
         q = jnp.clip(y, -FP8_MAX, FP8_MAX).astype(q_ref.dtype)
     else:
-        q = jnp.clip((y + _ROUND) - _ROUND, -qmax, qmax).astype(q_ref.dtype)
+        q = jnp.clip(y, -qmax, qmax).astype(q_ref.dtype)
     plgpu.store(q_ref.at[pl.ds(r0, bm), pl.ds(c0, width)], q, mask=mask)
 
 
@@ -73,7 +89,7 @@ def _quantize(x, *, scheme: QScheme, interpret: bool):
     qdtype = jnp.float8_e4m3fn if scheme.fp8 else jnp.int8
     qmax = FP8_MAX if scheme.fp8 else float(scheme.a_qmax)
     kernel = functools.partial(_act_quant_kernel, k=k, m=m, bm=bm, width=width, qmax=qmax,
-                               fp8=scheme.fp8)
+                               fp8=scheme.fp8, interpret=interpret)
     return pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((m, k), qdtype),

@@ -53,7 +53,8 @@ def validate_qconfig(q: dict, where: str = "qconfig") -> dict:
             for b in BLOCKS:
                 QScheme.parse(blocks[b])
             if QScheme.parse(blocks["gate"]) != QScheme.parse(blocks["up"]):
-                raise ValueError(f"{where}: layer {layer} expert {e}: gate and up differ")
+                raise ValueError(f"{where}: layer {layer} expert {e}: gate and up must share a "
+                                 "scheme (they run as one GEMM)")
     return q
 
 
@@ -149,8 +150,8 @@ class Allocation:
             if block not in BLOCKS:
                 raise ValueError(f"{where}: block {block!r} is not one of {BLOCKS}")
             if not 0 <= layer < cfg.num_layers:
-                raise ValueError(f"{where}: layer {layer} does not exist (the model has "
-                                 f"{cfg.num_layers} layers)")
+                raise ValueError(f"{where}: layer {layer} is not a layer of this model (it has "
+                                 f"layers 0..{cfg.num_layers - 1})")
             widths = _stack_widths(cfg, layer, expert)
             if widths is None:
                 top = (cfg.num_experts + (cfg.shared_intermediate_size > 0)

@@ -24,6 +24,13 @@ Algorithm, per expert (MxMoE's ``gptq.py`` [code] follows the reference GPTQ):
 
 One call quantizes a whole layer: everything is vmapped over a leading expert axis; experts with
 different token counts differ only in their Hessians (padded rows are masked out when accumulating).
+
+Precision: the Hessians and the solve run in full f32 on every backend, wherever they are called
+from (on the GPU an f32 matmul at default precision is TF32-like). Every product passes
+``precision=HIGHEST``, and the jitted bodies are traced under
+``jax.default_matmul_precision("highest")``, so a product traced inside them without an explicit
+precision (e.g. in a JAX linear-algebra helper) is HIGHEST too; the Cholesky factorizations are
+LAPACK/cuSOLVER ``potrf`` and the triangular solves XLA's (HIGHEST where XLA expands them).
 """
 
 from __future__ import annotations
@@ -40,6 +47,11 @@ from mxmoe_jax.quant.rtn import check_weight_shape
 from mxmoe_jax.quant.scheme import QScheme
 
 HIGHEST = lax.Precision.HIGHEST
+
+
+def _full_f32():
+    """Trace-time default for products without an explicit precision (see the module doc)."""
+    return jax.default_matmul_precision("highest")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,6 +99,11 @@ def hessian_update(
     per-expert products, where ``ragged_dot_general`` with a ragged contracting dimension falls
     back to E dense masked products off TPU.
     """
+    with _full_f32():
+        return _hessian_update(state, x_sorted, group_sizes, chunk)
+
+
+def _hessian_update(state: HessianState, x_sorted, group_sizes, chunk: int) -> HessianState:
     m, k = x_sorted.shape
     e = group_sizes.shape[0]
     gsz = group_sizes.astype(jnp.int32)
@@ -120,7 +137,8 @@ def hessian_update_padded(state: HessianState, x_eck: jax.Array, counts: jax.Arr
     """Add tokens given padded per expert, ``x_eck`` [E, C, K] with ``counts`` [E] valid rows."""
     mask = jnp.arange(x_eck.shape[1])[None, :] < counts[:, None]  # [E, C]
     x = jnp.where(mask[..., None], x_eck.astype(jnp.float32), 0.0)
-    xtx = jnp.einsum("eck,ecl->ekl", x, x, precision=HIGHEST)
+    with _full_f32():
+        xtx = jnp.einsum("eck,ecl->ekl", x, x, precision=HIGHEST)
     return HessianState(xtx=state.xtx + xtx, count=state.count + counts.astype(jnp.int32))
 
 
@@ -264,7 +282,8 @@ def _gptq(w, h, bounds, layout, cfg):
     fn = functools.partial(_gptq_one, layout=layout, cfg=cfg)
     for _ in range(w.ndim - 2):
         fn = jax.vmap(fn, in_axes=(0, 0, None))
-    return fn(w, h, bounds)
+    with _full_f32():
+        return fn(w, h, bounds)
 
 
 def gptq_quantize(

@@ -103,6 +103,15 @@ def hadamard_matrix(n: int) -> np.ndarray:
     return np.kron(h, syl)
 
 
+def _einsum(xp, spec, a, b):
+    """``xp.einsum`` in full precision (jnp on a GPU would otherwise use TF32-like passes)."""
+    if xp is np:
+        return np.einsum(spec, a, b)
+    import jax
+
+    return xp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST)
+
+
 def hadamard_right(x, n: int | None = None, xp=np):
     """``x @ H_n`` over the last axis (``xp`` = numpy or jax.numpy), without forming ``H_n``."""
     n = x.shape[-1] if n is None else n
@@ -111,7 +120,7 @@ def hadamard_right(x, n: int | None = None, xp=np):
     y = x.reshape(*lead, b, p)
     if b > 1:
         hb = xp.asarray(_base_matrix(b), dtype=x.dtype)
-        y = xp.einsum("...ij,ia->...aj", y, hb)
+        y = _einsum(xp, "...ij,ia->...aj", y, hb)
     h = 1
     while h < p:  # Sylvester butterflies, natural order: y @ (H_2 (x) ... (x) H_2)
         y = y.reshape(*lead, b, p // (2 * h), 2, h)
@@ -144,7 +153,7 @@ def rotate_right_t(x, signs, xp=np):
     y = x.reshape(*lead, b, p)
     if b > 1:  # H_n^T = H_b^T (x) Sylvester (Sylvester is symmetric)
         hb = xp.asarray(_base_matrix(b).T, dtype=x.dtype)
-        y = xp.einsum("...ij,ia->...aj", y, hb)
+        y = _einsum(xp, "...ij,ia->...aj", y, hb)
     y = hadamard_right(y.reshape(*lead, b, p), p, xp).reshape(*lead, n)
     return y * s / math.sqrt(n)
 

@@ -56,4 +56,4 @@ def test_bad_qconfig_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
     rc = cli_main(["eval", "--model", str(tiny_model_dir), "--text", str(BOOKS_EVAL),
                    "--seqlen", "256", "--max-windows", "1", "--qconfig", str(q)])
     assert rc == 2
-    assert "layer 99 is not a MoE layer" in capsys.readouterr().err
+    assert "layer 99 is not a layer of this model" in capsys.readouterr().err

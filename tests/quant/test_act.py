@@ -1,7 +1,9 @@
-"""Dynamic per-token activation quantization: grid, error bound, idempotence, zero rows."""
+"""Dynamic per-token activation quantization: grid, error bound, idempotence, zero rows, and the
+exact definition (codes and scales bit for bit in every compilation context)."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from hypothesis import strategies as st
 
 from mxmoe_jax.quant.act import (
     dequantize_activations,
+    div_rn,
     fake_quant_activations,
     quantize_activations,
 )
@@ -92,3 +95,117 @@ def test_weight_only_is_identity_and_errors():
         quantize_activations(np.ones((2, 64), np.float32), "w4a16_g-1_sym")
     with pytest.raises(ValueError, match="group_size"):
         quantize_activations(np.ones((2, 48), np.float32), "w4a4_g32_sym")
+
+
+# ------------------------------------------------------------------ the definition, bit for bit
+
+def _e4m3_grid() -> np.ndarray:
+    """Every finite non-negative float8_e4m3fn value, ascending (f64)."""
+    v = np.arange(256, dtype=np.uint8).view(jnp.float8_e4m3fn).astype(np.float64)
+    return np.unique(v[np.isfinite(v) & (v >= 0)])
+
+
+def near_ties(seed: int, m: int, k: int, qmax: float, fp8: bool = False) -> np.ndarray:
+    """[m, k] f32 rows whose ``x * RN(qmax / amax)`` lands on, or a few ulps either side of, a
+    rounding tie: ``.5`` for integer codes, the midpoint of two e4m3 neighbours for FP8. Column 0
+    holds ``±amax``, so every row's max|x| is known."""
+    rng = np.random.default_rng(seed)
+    amax = (rng.uniform(1, 2, m) * 2.0 ** rng.integers(-30, 30, m)).astype(np.float32)
+    inv = np.float32(qmax) / amax  # NumPy's f32 division is IEEE: RN(qmax / amax)
+    if fp8:
+        g = _e4m3_grid()
+        mids = (g[:-1] + g[1:]) / 2
+        t = rng.choice(mids[(mids > 2**-6) & (mids < qmax)], (m, k))
+    else:
+        t = rng.integers(0, int(qmax), (m, k)) + 0.5
+    x = (t / inv[:, None].astype(np.float64)).astype(np.float32)
+    x = (x.view(np.int32) + rng.integers(-2, 3, (m, k)).astype(np.int32)).view(np.float32)
+    x = x * rng.choice(np.float32([-1, 1]), (m, k))
+    x[:, 0] = amax * rng.choice(np.float32([-1, 1]), m)
+    return x
+
+
+def spec_quantize(x: np.ndarray, scheme: QScheme) -> tuple[np.ndarray, np.ndarray]:
+    """The module docstring's definition transcribed to f32 NumPy (per token only)."""
+    assert scheme.group_size == -1
+    qmax = np.float32(448.0 if scheme.fp8 else scheme.a_qmax)
+    amax = np.abs(x).max(axis=1, keepdims=True)
+    zero = amax < np.float32(2.0 ** -100)
+    safe = np.where(zero, np.float32(1), amax)
+    scale = np.where(zero, np.float32(1), safe / qmax)
+    inv = np.where(zero, np.float32(0), qmax / safe)
+    y = x * inv
+    if scheme.fp8:
+        codes = np.clip(y, -qmax, qmax).astype(jnp.float8_e4m3fn)
+    else:
+        codes = np.clip(np.round(y), -qmax, qmax).astype(np.int8)
+    return codes, scale
+
+
+def _bits(a) -> np.ndarray:
+    a = np.asarray(a)
+    return a.view({1: np.uint8, 4: np.uint32}[a.dtype.itemsize])
+
+
+def test_div_rn_is_the_ieee_quotient():
+    rng = np.random.default_rng(0)
+    n = 200_000
+
+    def positives():
+        v = (rng.uniform(1, 2, n) * 2.0 ** rng.integers(-60, 60, n)).astype(np.float32)
+        v[: n // 8] = np.float32(2.0) ** rng.integers(-60, 60, n // 8)  # significand 1.0
+        v[n // 8: n // 4] = np.nextafter(v[n // 8: n // 4], np.float32(np.inf))  # ... and 1 ulp up
+        v[n // 4: 3 * n // 8] = np.nextafter(v[n // 4: 3 * n // 8], np.float32(0))  # all ones
+        return v
+
+    a, b = positives(), positives()
+    b[:1000] = a[:1000]  # quotient exactly 1
+    np.testing.assert_array_equal(_bits(jax.jit(div_rn)(a, b)), _bits(a / b))
+    for q in (7.0, 127.0, 448.0):
+        np.testing.assert_array_equal(_bits(div_rn(q, a)), _bits(np.float32(q) / a))
+        np.testing.assert_array_equal(_bits(jax.jit(lambda v, q=q: div_rn(v, q))(a)),
+                                      _bits(a / np.float32(q)))
+
+
+@pytest.mark.parametrize("name", ["w8a8_g-1_sym", "w4a4_g-1_sym", "w8a8_g-1_fp8"])
+def test_codes_at_near_ties_follow_the_spec_in_every_context(name):
+    """Codes and scales are the spec's bits eagerly, jitted, vmapped, inside a larger fused jit
+    (the calibration shortcut's layout) and whatever the batch around a row."""
+    scheme = QScheme.parse(name)
+    x = near_ties(1, 48, 256, 448.0 if scheme.fp8 else scheme.a_qmax, scheme.fp8)
+    want_q, want_s = spec_quantize(x, scheme)
+    want_fq = (want_q.astype(np.float32) * want_s).astype(np.float32)
+
+    def quant(v):
+        return quantize_activations(v, scheme)
+
+    @jax.jit
+    def fused(a, z):  # an [E, C, D] group input computed inside the jit, as calibration's
+        g = (a + z).reshape(4, 12, 256)
+        return fake_quant_activations(g, scheme).reshape(48, 256) * 1.0
+
+    big = np.concatenate([near_ties(2, 13, 256, 7.0), x, x[::-1]])  # other rows around x
+    contexts = {
+        "eager": quant(x),
+        "jit": jax.jit(quant)(x),
+        "vmap": jax.tree.map(lambda a: a[:, 0], jax.jit(jax.vmap(lambda r: quant(r[None])))(x)),
+        "batched": jax.tree.map(lambda a: a[13:61], jax.jit(quant)(big)),
+    }
+    for ctx, (q, s) in contexts.items():
+        np.testing.assert_array_equal(_bits(s), _bits(want_s), err_msg=ctx)
+        np.testing.assert_array_equal(_bits(q), _bits(want_q), err_msg=ctx)
+    np.testing.assert_array_equal(_bits(fused(x, np.zeros_like(x))), _bits(want_fq))
+
+
+def test_zero_threshold():
+    x = np.zeros((4, 64), np.float32)
+    x[1, 5] = 2.0 ** -101  # below 2^-100: an all-zero row
+    x[2, 5] = -(2.0 ** -100)  # the smallest row quantized normally
+    x[3] = np.linspace(-3, 3, 64)
+    for name in ("w8a8_g-1_sym", "w8a8_g-1_fp8"):
+        q, s = quantize_activations(x, name)
+        q = np.asarray(q).astype(np.float32)
+        assert np.all(np.asarray(s)[:2] == 1) and np.all(q[:2] == 0)
+        qmax = 448 if "fp8" in name else 127
+        assert q[2, 5] == -qmax and np.sum(q[2] != 0) == 1
+        assert float(s[2, 0]) == np.float32(2.0 ** -100) / np.float32(qmax)

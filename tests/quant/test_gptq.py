@@ -1,7 +1,10 @@
-"""GPTQ: agreement with a straightforward NumPy float64 GPTQ, Hessian accumulation, edge cases."""
+"""GPTQ: agreement with a straightforward NumPy float64 GPTQ, Hessian accumulation, edge cases,
+full-f32 products on every backend."""
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -209,3 +212,74 @@ def test_dead_inputs_and_errors():
         gptq_quantize(w, h[:16, :16], "w4a16_g-1_asym")
     with pytest.raises(ValueError, match="group_size"):
         gptq_quantize(w, h, "w4a16_g128_asym")
+
+
+# -- full f32 products wherever GPTQ runs (on the GPU, default-precision f32 matmuls are TF32-like)
+
+def _eqns(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs nested in it (jit, scan, loops, cond, vmap)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (list, tuple)) else (v,):
+                if hasattr(sub, "jaxpr") and hasattr(sub, "consts"):  # ClosedJaxpr
+                    yield from _eqns(sub.jaxpr)
+                elif hasattr(sub, "eqns"):  # Jaxpr
+                    yield from _eqns(sub)
+
+
+_GPTQ_CALLS = {
+    "per_channel": ("w4a16_g-1_asym", GPTQConfig(block_size=32)),
+    "groups_on_the_fly": ("w3a16_g16_sym", GPTQConfig(block_size=32)),
+    "act_order_static": ("w4a16_g16_asym", GPTQConfig(act_order=True, static_groups=True)),
+    "fp8": ("w8a8_g-1_fp8", GPTQConfig()),
+}
+
+
+def _gptq_and_hessian_fns():
+    k, n, e = 64, 24, 3
+    w = jax.ShapeDtypeStruct((e, k, n), jnp.float32)
+    h = jax.ShapeDtypeStruct((e, k, k), jnp.float32)
+    fns = {f"gptq_{tag}{'_vmapped' if ndim == 3 else ''}":
+           (lambda w, h, name=name, cfg=cfg: gptq_quantize(w, h, name, cfg).codes,
+            (w, h) if ndim == 3 else (jax.ShapeDtypeStruct((k, n), jnp.float32),
+                                      jax.ShapeDtypeStruct((k, k), jnp.float32)))
+           for tag, (name, cfg) in _GPTQ_CALLS.items() for ndim in (2, 3)}
+    state = hessian_init(e, k)
+    fns["hessian_update"] = (lambda s, x, g: hessian_update(s, x, g).xtx,
+                             (state, jax.ShapeDtypeStruct((300, k), jnp.float32),
+                              jax.ShapeDtypeStruct((e,), jnp.int32)))
+    fns["hessian_update_padded"] = (lambda s, x, c: hessian_update_padded(s, x, c).xtx,
+                                    (state, jax.ShapeDtypeStruct((e, 40, k), jnp.float32),
+                                     jax.ShapeDtypeStruct((e,), jnp.int32)))
+    return fns
+
+
+@pytest.mark.parametrize("ambient", [None, "bfloat16"])
+def test_every_product_is_full_f32(ambient):
+    """Every dot_general the Hessians and the solve trace is HIGHEST, even when the caller asks
+    for low-precision matmuls."""
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    for label, (fn, args) in _gptq_and_hessian_fns().items():
+        if ambient is None:
+            jaxpr = jax.make_jaxpr(fn)(*args)
+        else:
+            with jax.default_matmul_precision(ambient):
+                jaxpr = jax.make_jaxpr(fn)(*args)
+        dots = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+        assert dots, label
+        for d in dots:
+            assert d.params["precision"] == highest, (label, d.params["precision"])
+
+
+def test_cuda_lowering_keeps_highest_precision():
+    """What XLA gets for the GPU (lowered here, on the CPU): every dot_general is HIGHEST and the
+    Cholesky factorization is cuSOLVER's potrf."""
+    for label, (fn, args) in _gptq_and_hessian_fns().items():
+        text = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args).mlir_module()
+        dots = [ln for ln in text.splitlines() if "stablehlo.dot_general" in ln]
+        assert dots, label
+        for ln in dots:
+            assert "precision = [HIGHEST, HIGHEST]" in ln, (label, ln)
+        if label.startswith("gptq"):
+            assert "cusolver_potrf" in text, label

@@ -54,6 +54,8 @@ def _hidden(block, x_sorted, gs):
 
 @pytest.mark.slow
 def test_gptq_layer_error_below_rtn_for_every_scheme():
+    from mxmoe_jax.models import moe
+
     require_shared(TINY_MODEL)
     require_shared(BOOKS_CALIB)
     cfg, block, (_, calib), (x_eval, _) = _setup()
@@ -67,13 +69,21 @@ def test_gptq_layer_error_below_rtn_for_every_scheme():
 
     @functools.partial(jax.jit, static_argnames="scheme")
     def routed(x, gate, up, down, scheme=None):
-        def act(v, _gs, _b):
+        """The routed experts' weighted sum ``[T, D]`` f32 with these weights (and this scheme's
+        activation fake-quant at every block input)."""
+        def act(v, _block, _expert_ids):
             if scheme.group_size != -1 and v.shape[1] % scheme.group_size:
                 return v  # the block this group size cannot split stays unquantized
             return fake_quant_activations(v, scheme)
 
-        return block.routed(x, gate=gate, up=up, down=down,
-                            act_quant=None if scheme is None or scheme.weight_only else act)
+        idx, weight = moe.route(block.router_logits(x), cfg)
+        d = moe.dispatch(x, idx, cfg.num_experts)
+        rows = moe.SortedRows(d.group_sizes, d.x_sorted.shape[0],
+                              precision=jax.lax.Precision.HIGHEST)
+        hooks = moe.Hooks(act_quant=None if scheme is None or scheme.weight_only else act)
+        y = moe.swiglu(d.x_sorted, moe.ExpertWeights.dense(gate, up, down), rows, hooks=hooks,
+                       dtype=jnp.float32)
+        return moe.combine(y, d, weight)
 
     ref = routed(x_eval, w["gate"], w["up"], w["down"])  # [T, D] f32, FP
 

@@ -6,22 +6,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mxmoe_jax.quant.fakequant import make_quant_forward
 from mxmoe_jax.quant.rotation import (
     load_rotation,
     make_rotation,
-    rotate_model,
     rotate_params,
     save_rotation,
 )
+from mxmoe_jax.quantize.rotation import rotate_model
 from tests.conftest import FIXTURES, TINY_MODEL, require_shared
 from tests.quant.helpers import FIXTURE_NAMES, load_hf_flat
 
 
 def _logits(cfg, flat, ids, rot=None):
-    from mxmoe_jax.models import from_flat_params
+    """Logits of the model of ``flat``, applying ``rot``'s online down_proj rotation if given."""
+    from mxmoe_jax.models import forward, from_flat_params, set_rotation
 
-    return np.asarray(make_quant_forward(rotation=rot)(from_flat_params(cfg, flat), ids))
+    model = from_flat_params(cfg, flat)
+    if rot is not None:
+        set_rotation(model, rot)
+    return np.asarray(forward(model, ids))
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
@@ -33,7 +36,7 @@ def test_rotation_preserves_logits(name):
     ids = jnp.asarray(np.load(d / "inputs.npz")["input_ids"])
     ref = np.asarray(forward(from_flat_params(cfg, flat), ids))
     if name in ("qwen2_moe_sparse_step", "deepseek_v2_lite"):  # dense + MoE layers, shared experts
-        # the fake-quant forward with nothing to do is the model's own forward
+        # the logits helper without a rotation is the model's own forward
         np.testing.assert_array_equal(_logits(cfg, flat, ids), ref)
     cfg_r, flat_r, rot = rotate_params(cfg, flat, seed=3)
     assert not cfg_r.tie_word_embeddings
@@ -72,10 +75,14 @@ def test_rotate_model():
     cfg, flat = load_hf_flat(d)
     ids = jnp.asarray(np.load(d / "inputs.npz")["input_ids"])
     model = from_flat_params(cfg, flat)
-    rotated = rotate_model(model, seed=0)
+    rotated = rotate_model(model, seed=0, online_down=False)[0]
     assert cfg.tie_word_embeddings and not rotated.cfg.tie_word_embeddings
     ref = np.asarray(forward(model, ids))
     assert np.abs(np.asarray(forward(rotated, ids)) - ref).max() <= 1e-4
+    # with the online down_proj rotation the rotated model's own forward applies it
+    online, rot = rotate_model(model, seed=0, online_down=True)
+    assert rot.online_down and not online.cfg.tie_word_embeddings
+    assert np.abs(np.asarray(forward(online, ids)) - ref).max() <= 1e-4
 
 
 def test_rotation_saved_and_loaded(tmp_path):
