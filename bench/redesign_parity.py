@@ -39,8 +39,11 @@ def _save(args) -> None:
     try:
         from mxmoe_jax.alloc.qconfig import load_qconfig
         from mxmoe_jax.models import forward
-        from mxmoe_jax.quantize.pipeline import QuantizeConfig, quantize_in_memory
-        from mxmoe_jax.quantize.pipeline import resolve_allocation
+        from mxmoe_jax.quantize.pipeline import (
+            QuantizeConfig,
+            quantize_in_memory,
+            resolve_allocation,
+        )
 
         cfg, model = load_model_dir(args.model, dtype=jnp.float32)
         alloc = resolve_allocation(cfg, qconfig=load_qconfig(args.qconfig))
@@ -62,10 +65,11 @@ def _save(args) -> None:
             else:
                 out[f"w/{li}/{e}/down"] = w
     except ImportError:  # the code before the redesign
-        from mxmoe_jax.alloc.qconfig import load_qconfig
         from mxmoe_jax.eval.quantized import plan_from_qconfig, quantized_logits_fn
-        from mxmoe_jax.models import from_flat_params
         from mxmoe_jax.quant.model_gptq import gptq_model
+
+        from mxmoe_jax.alloc.qconfig import load_qconfig
+        from mxmoe_jax.models import from_flat_params
         from mxmoe_jax.quant.qtensor import dequantize
 
         cfg, flat = load_flat_params(args.model, "fp32")
