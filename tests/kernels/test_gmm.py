@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from mxmoe_jax.kernels.pallas import TileConfig, gmm, make_tiles
 from mxmoe_jax.kernels.pallas import grouped_gemm as gmm_mod
-from mxmoe_jax.ops import grouped_matmul, grouped_matmul_reference
 
+from mxmoe_jax.ops import grouped_matmul, grouped_matmul_reference
 from mxmoe_jax.quant import act, packing
 from mxmoe_jax.quant.rtn import quantize_rtn
 from mxmoe_jax.quant.scheme import QScheme
