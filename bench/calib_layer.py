@@ -6,8 +6,9 @@ Default shape: a Qwen1.5-MoE-A2.7B MoE layer (60 routed experts, top-4, hidden 2
 moe_intermediate 1408, shared expert 5632 with its sigmoid gate), random normal weights (std
 0.02) and random normal MoE-block inputs, 128 x 4096 calibration tokens: the original's
 calibration set. The layer is run through the real driver step (``calibrate._layer_out_norm``:
-host-resident activations streamed in ``--batch-tokens`` chunks, routing, padded expert groups,
-quantization of all experts, Δ² accumulation, the FP layer output for the next layer).
+host-resident activations streamed in ``--batch-tokens`` chunks, the model's MoE forward in the
+padded layout with its intermediates captured, quantization of all experts, Δ² accumulation, the
+FP layer output for the next layer).
 
 Timing: the whole layer is run once to compile every chunk shape, then timed again; the second
 run's host wall-clock around a blocking device->host read of the results is the time (one call per
@@ -24,14 +25,13 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from bench.model_layer import layer_shape
 from mxmoe_jax.calib import calibrate as C
-from mxmoe_jax.calib import walk
-from mxmoe_jax.calib.loss import MLPWeights
 from mxmoe_jax.config import ModelConfig
+from mxmoe_jax.models import MoEBlock
 from mxmoe_jax.quant.scheme import QScheme
 
 QWEN15 = dict(layer_shape("qwen1.5-moe"), windows=128, seqlen=4096)
@@ -50,18 +50,9 @@ def qwen_config(shape: dict) -> ModelConfig:
         "decoder_sparse_step": 1, "mlp_only_layers": [], "qkv_bias": True})
 
 
-def random_params(shape: dict, seed: int) -> walk.MoEParams:
-    d, i, e, s = shape["hidden"], shape["inter"], shape["experts"], shape["shared"]
-    ks = jax.random.split(jax.random.key(seed), 8)
-
-    def n(k, *dims):
-        return 0.02 * jax.random.normal(k, dims, jnp.float32)
-
-    return walk.MoEParams(
-        router=n(ks[0], d, e),
-        routed=MLPWeights(gate=n(ks[1], e, d, i), up=n(ks[2], e, d, i), down=n(ks[3], e, i, d)),
-        shared=MLPWeights(gate=n(ks[4], d, s), up=n(ks[5], d, s), down=n(ks[6], s, d)),
-        shared_gate=n(ks[7], d, 1))
+def random_block(cfg: ModelConfig, seed: int) -> MoEBlock:
+    """The model's MoE block (fp32) with its random normal init (std 0.02)."""
+    return MoEBlock(cfg, rngs=nnx.Rngs(seed))
 
 
 def main(argv=None) -> dict:
@@ -76,7 +67,7 @@ def main(argv=None) -> dict:
 
     shape = SMALL if args.small else QWEN15
     cfg = qwen_config(shape)
-    p = random_params(shape, seed=0)
+    block = random_block(cfg, seed=0)
     n_tokens = args.tokens or shape["windows"] * shape["seqlen"]
     rng = np.random.default_rng(0)
     # host-resident MoE inputs and residual, as the driver holds them between layers
@@ -87,7 +78,7 @@ def main(argv=None) -> dict:
 
     def run():
         start = time.perf_counter()
-        sq, out = C._layer_out_norm(cfg, p, xn, h, schemes, quantize, args.batch_tokens,
+        sq, out = C._layer_out_norm(block, xn, h, schemes, quantize, args.batch_tokens,
                                     args.method, None)
         return time.perf_counter() - start, sq  # sq and out are host arrays: synchronised
 
@@ -95,7 +86,7 @@ def main(argv=None) -> dict:
     seconds, sq = run()
     delta = np.sqrt(sq)  # [S, E+1, 3]
     for k, s in enumerate(schemes):  # blocks the scheme cannot quantize (group size) -> nan
-        delta[k][~np.array(C._supported(p, s, shape["experts"]))] = np.nan
+        delta[k][~np.array(C._supported(block, s))] = np.nan
     result = {
         "bench": "calib_layer", "device": jax.devices()[0].device_kind,
         "backend": jax.default_backend(), "jax_version": jax.__version__,

@@ -42,12 +42,13 @@ def load_flat(path: Path):
 
 
 def main(argv=None) -> int:
+    from mxmoe_jax.alloc.qconfig import Allocation
     from mxmoe_jax.data import load_tokenizer, tokenize_texts, whole_windows
     from mxmoe_jax.eval.perplexity import perplexity
-    from mxmoe_jax.models import from_flat_params
-    from mxmoe_jax.quant.fakequant import QuantPlan, fake_quantize_params, make_quant_forward
-    from mxmoe_jax.quant.model_gptq import gptq_model
+    from mxmoe_jax.models import forward, from_flat_params, set_rotation
     from mxmoe_jax.quant.rotation import rotate_params
+    from mxmoe_jax.quantize.apply import quantize_model
+    from mxmoe_jax.quantize.gptq import gptq_weights
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=SHARED / "models" / "qwen2moe-tiny-books")
@@ -71,25 +72,30 @@ def main(argv=None) -> int:
     calib = whole_windows(tokenize_texts(tok, [args.calib]), args.seqlen, args.calib_windows) \
         if args.gptq else None
 
-    def ppl(c, fl, plan, rot):
+    def fp_model(c, fl, rot):
         model = from_flat_params(c, fl)
-        f = make_quant_forward(plan, rot)
-        return perplexity(lambda x: f(model, x), ev).ppl
+        if rot is not None and rot.online_down:
+            set_rotation(model, rot)
+        return model
 
-    rows = {"fp32": ppl(cfg, flat, None, None)}
+    def ppl(model):
+        return perplexity(lambda x: forward(model, x), ev).ppl
+
+    rows = {"fp32": ppl(fp_model(cfg, flat, None))}
     print(f"fp32: {rows['fp32']:.3f}")
     variants = {"no rotation": (cfg, flat, None)}
     for label, online in (("rotation", False), ("rotation + online down", True)):
         c, fl, rot = rotate_params(cfg, flat, seed=args.seed, online_down=online)
         variants[label] = (c, fl, rot)
     for label, (c, fl, rot) in variants.items():
-        plan = QuantPlan.uniform(c, args.scheme)
-        rows[f"{args.scheme} rtn, {label}"] = ppl(c, fake_quantize_params(c, fl, plan), plan, rot)
+        alloc = Allocation.uniform(c, args.scheme)
+        model = fp_model(c, fl, rot)
+        rows[f"{args.scheme} rtn, {label}"] = ppl(quantize_model(model, alloc))
         print(f"{args.scheme} rtn, {label}: {rows[f'{args.scheme} rtn, {label}']:.3f}")
         if args.gptq:
-            q = gptq_model(from_flat_params(c, fl), calib, plan, rotation=rot)
+            q = gptq_weights(model, calib, alloc)
             key = f"{args.scheme} gptq, {label}"
-            rows[key] = ppl(c, fake_quantize_params(c, fl, plan, quantized=q), plan, rot)
+            rows[key] = ppl(quantize_model(model, alloc, q))
             print(f"{key}: {rows[key]:.3f}")
     print(json.dumps({"model": str(args.model), "text": str(args.text), "seqlen": args.seqlen,
                       "windows": int(len(ev)), "tokens": int(len(ev) * (args.seqlen - 1)),

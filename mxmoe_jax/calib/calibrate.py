@@ -10,10 +10,18 @@ how much does quantizing one linear block alone hurt? Two metrics, as the origin
   one pass from the layer to the top of the model per (layer, expert, block, scheme), i.e.
   ``L·(E+1)·3`` partial forwards per scheme. Only usable on tiny models.
 
+Every pass over an MoE block is the model's one forward, ``models.moe.moe_forward`` in the padded
+layout: the shortcut reads the SwiGLU intermediates it captures (``Hooks(capture=...)``), GPTQ's
+Hessians are the captured gate/up and down inputs (``quant.gptq.hessian_update_padded``), and the
+brute force hands it the weights with one block substituted and an ``act_quant`` hook that
+fake-quantizes that block's input rows. The rest of a layer runs as the model's own modules
+(``walk``).
+
 Quantizers: ``rtn`` (``quant.rtn``) and ``gptq`` (Hessians from each expert's routed tokens, FP
 inputs; ``quant.gptq``), optionally after the model is Hadamard-rotated exactly as ``eval
 --hadamard`` rotates it (``quant.rotation.rotate_params(..., online_down=True)``: the residual
-stream, and every down_proj input online, so the down blocks measured are the ones evaluated).
+stream, and every down_proj input online, so the down blocks measured are the ones evaluated);
+`rotate_for_calibration` sets the online part on the model (``models.set_rotation``).
 
 Memory: the hidden states of all calibration windows at the current layer (host), plus one token
 chunk's activations on the device. Resumable: after each MoE layer the finished losses are written
@@ -35,23 +43,25 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from mxmoe_jax.calib import walk
-from mxmoe_jax.calib.loss import (
-    BLOCKS,
-    MLPWeights,
-    QuantizedBlocks,
-    block_supported,
-    combine_groups,
-    losses_sq,
-    pad_groups,
-    selected_mlp,
-)
-from mxmoe_jax.config import ModelConfig
+from mxmoe_jax.calib.loss import MLPWeights, QuantizedBlocks, act_quant, block_supported, losses_sq
+from mxmoe_jax.config import BLOCKS, ModelConfig
 from mxmoe_jax.jsonio import read_json, write_json_atomic
+from mxmoe_jax.models.model import online_rotation_widths
+from mxmoe_jax.models.moe import ExpertWeights, Hooks, moe_forward, signs_of
+from mxmoe_jax.quant.gptq import (
+    gptq_quantize,
+    hessian_finalize,
+    hessian_init,
+    hessian_update_padded,
+)
+from mxmoe_jax.quant.qtensor import dequantize
 from mxmoe_jax.quant.rotation import Rotation
 from mxmoe_jax.quant.rtn import fake_quant_weight
 from mxmoe_jax.quant.scheme import QScheme
+from mxmoe_jax.quantize.rotation import rotate_model
 
 FORMAT = "mxmoe-jax/loss/1"
 METHODS = ("rtn", "gptq")
@@ -95,9 +105,6 @@ def _rtn(w, scheme, hessian):
 
 
 def _gptq(w, scheme, hessian):
-    from mxmoe_jax.quant.gptq import gptq_quantize
-    from mxmoe_jax.quant.qtensor import dequantize
-
     if scheme.w_bits == 16:  # bf16 rounding, nothing to solve
         return fake_quant_weight(w, scheme)
     return dequantize(gptq_quantize(w, hessian, scheme))
@@ -110,7 +117,7 @@ def quantize_mlp(w: MLPWeights, scheme: QScheme, quantize: Quantizer,
                  hessians: MLPWeights | None = None) -> QuantizedBlocks:
     """Every block of ``w`` (all experts at once) fake-quantized with ``scheme``; None where the
     scheme's ``group_size`` does not divide the block's K. ``hessians`` (GPTQ): per block,
-    ``[..., K, K]`` (gate and up share one, the input's)."""
+    ``[E, K, K]`` (gate and up share one, the input's)."""
     out = {}
     for b in BLOCKS:
         wb = w.block(b)
@@ -122,64 +129,97 @@ def quantize_mlp(w: MLPWeights, scheme: QScheme, quantize: Quantizer,
     return QuantizedBlocks(**out, scheme=scheme)
 
 
-# ------------------------------------------------------------------------------ jitted steps
+# ------------------------------------------------------------------------------ one MoE layer
 
-@functools.partial(jax.jit, static_argnames=("cfg", "capacity"))
-def _chunk_losses(cfg: ModelConfig, p: walk.MoEParams, x_td, mask, routed_q, shared_q, *,
-                  capacity: int):
-    """One token chunk: (Δ² ``[S, E(+1), 3]``, MoE output ``[T, D]`` f32). ``mask [T]``: 1 for
-    real tokens, 0 for the chunk's padding."""
-    idx, wt = walk.route_tokens(cfg, p.router, x_td)
-    groups = pad_groups(x_td, idx, wt * mask[:, None], cfg.num_experts, capacity)
-    r_sq, y = losses_sq(groups.x, groups.weight, p.routed, routed_q, batched=True,
-                        down_signs=p.routed_down_signs)
-    out = combine_groups(groups, y, x_td.shape[0])
-    if p.shared is None:
-        return r_sq, out
-    gw = walk.shared_weight(p, x_td)
-    s_sq, ys = losses_sq(x_td, gw * mask, p.shared, shared_q, batched=False,
-                         down_signs=p.shared_down_signs)
-    return jnp.concatenate([r_sq, s_sq[:, None, :]], axis=1), out + gw[:, None] * ys
+def _stacks(block) -> list:
+    """The block's SwiGLU stacks in loss.json's expert order: routed experts, then the shared."""
+    return [block.experts] + ([block.shared] if hasattr(block, "shared") else [])
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "capacity"))
-def _chunk_hessians(cfg: ModelConfig, p: walk.MoEParams, x_td, mask, *, capacity: int):
-    """Σ x xᵀ over each expert's routed rows for gate/up (``[E, D, D]``) and down (``[E, I, I]``),
-    plus the shared expert's (all tokens), and the row counts: GPTQ's Hessians, unnormalised."""
-    idx, wt = walk.route_tokens(cfg, p.router, x_td)
-    groups = pad_groups(x_td * mask[:, None], idx, wt, cfg.num_experts, capacity)
-    rows = (groups.valid & (mask[groups.token] > 0)).astype(jnp.float32)  # [E, C]
-    x = groups.x * rows[..., None]
-    h = walk.swiglu_parts(x, p.routed, walk._bmm, p.routed_down_signs)[2] * rows[..., None]
-    hi = jax.lax.Precision.HIGHEST
-    out = {"gate_up": jnp.einsum("ecd,ecf->edf", x, x, precision=hi),
-           "down": jnp.einsum("eci,ecj->eij", h, h, precision=hi), "n": rows.sum(axis=1)}
-    if p.shared is not None:
-        xs = x_td.astype(jnp.float32) * mask[:, None]
-        hs = walk.swiglu_parts(xs, p.shared, walk._mm, p.shared_down_signs)[2]
-        out["shared_gate_up"] = jnp.dot(xs.T, xs, precision=hi)
-        out["shared_down"] = jnp.dot(hs.T, hs, precision=hi)
-        out["shared_n"] = mask.sum()
+def _parts(cap: dict, mask: jax.Array) -> list[tuple[dict, jax.Array, jax.Array]]:
+    """Per stack (`_stacks` order) of a padded-layout capture: ``(part, row_w, counts)``.
+
+    ``part``: the stack's captured ``x, g, u, h, y``, each ``[E, C, ·]`` (the shared expert: a
+    stack of one, ``[1, T, ·]``); ``row_w [E, C]``: each row's weight in the layer output, 0 for
+    padding slots and for the chunk's padding tokens (``mask [T]`` 0); ``counts [E]``: the real
+    rows of each expert, which come first in its group (groups keep token order and the chunk's
+    padding tokens are its last ones).
+    """
+    g = cap["groups"]
+    real = mask[g.token] * g.valid  # [E, C] f32
+    out = [(cap["routed"], g.weight * mask[g.token],
+            jnp.sum(real, axis=1).astype(jnp.int32))]
+    if "shared" in cap:
+        part = {k: v[None] for k, v in cap["shared"].items()}
+        out.append((part, (cap["shared_weight"] * mask)[None],
+                    jnp.sum(mask).astype(jnp.int32)[None]))
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "capacity"))
-def _moe_one_block(cfg: ModelConfig, p: walk.MoEParams, x_td, expert, block, routed_q,
-                   shared_q, *, capacity: int):
-    """The MoE output ``[T, D]`` with only ``block`` (0 gate, 1 up, 2 down) of ``expert``
-    quantized (``expert == E``: the shared expert). For the brute-force ``model_out_norm``."""
-    e = cfg.num_experts
-    idx, wt = walk.route_tokens(cfg, p.router, x_td)
-    groups = pad_groups(x_td, idx, wt, e, capacity)
-    rows = groups.valid & (jnp.arange(e)[:, None] == expert)
-    y = selected_mlp(groups.x, p.routed, routed_q, block, rows, batched=True,
-                     down_signs=p.routed_down_signs)
-    out = combine_groups(groups, y, x_td.shape[0])
-    if p.shared is not None:
-        rows_s = jnp.full(x_td.shape[:1], expert == e)
-        ys = selected_mlp(x_td, p.shared, shared_q, block, rows_s, batched=False,
-                          down_signs=p.shared_down_signs)
-        out = out + walk.shared_weight(p, x_td)[:, None] * ys
+def _capture(block, x_td: jax.Array, capacity: int, *, routed: ExpertWeights | None = None,
+             shared: ExpertWeights | None = None, act=None) -> tuple[jax.Array, dict]:
+    """The one MoE forward in the padded layout, its intermediates captured (``out [T, D]``
+    f32, capture)."""
+    cap: dict = {}
+    out = moe_forward(block, x_td, layout="padded", capacity=capacity, routed=routed,
+                      shared=shared, hooks=Hooks(act_quant=act, capture=cap))
+    return out, cap
+
+
+@functools.partial(nnx.jit, static_argnames="capacity")
+def _chunk_losses(block, x_td, mask, variants, *, capacity: int):
+    """One token chunk: (Δ² ``[S, E(+1), 3]``, MoE output ``[T, D]`` f32). ``mask [T]``: 1 for
+    real tokens, 0 for the chunk's padding. ``variants``: per stack, one `QuantizedBlocks` per
+    scheme."""
+    out, cap = _capture(block, x_td, capacity)
+    sq = [losses_sq(part, row_w, MLPWeights.of(stack).down, q, down_signs=signs_of(stack))
+          for stack, (part, row_w, _), q in zip(_stacks(block), _parts(cap, mask), variants,
+                                                strict=True)]
+    return jnp.concatenate(sq, axis=1), out
+
+
+@functools.partial(nnx.jit, static_argnames="capacity")
+def _chunk_hessians(block, x_td, mask, states, *, capacity: int):
+    """Add one token chunk's FP inputs to GPTQ's Hessian states: per stack, the gate_up input
+    ``x`` and the down input ``h`` (rotated online, as down sees it) of each expert's real rows."""
+    _, cap = _capture(block, x_td, capacity)
+    return [(hessian_update_padded(s_in, part["x"], counts),
+             hessian_update_padded(s_down, part["h"], counts))
+            for (s_in, s_down), (part, _, counts) in zip(states, _parts(cap, mask), strict=True)]
+
+
+@functools.partial(nnx.jit, static_argnames="capacity")
+def _moe_one_block(block, x_td, expert, blk, variants, *, capacity: int):
+    """The MoE output ``[T, D]`` f32 with only block ``blk`` (traced: 0 gate, 1 up, 2 down) of
+    ``expert`` (traced; ``E``: the shared expert) quantized: the forward gets that block's
+    weights substituted and, for a weight-activation scheme, its input rows fake-quantized (the
+    hooks see each row's expert, the shared expert as ``E``). One compilation for every
+    (expert, block). For the brute-force ``model_out_norm``."""
+    e_routed = block.cfg.num_experts
+    stacks = _stacks(block)
+    scheme = variants[0].scheme
+    weights = []
+    for k, (stack, q) in enumerate(zip(stacks, variants, strict=True)):
+        fp = MLPWeights.of(stack)
+        ids = jnp.arange(fp.gate.shape[0]) + (0 if k == 0 else e_routed)  # [n] expert index
+        blocks = []
+        for i, b in enumerate(BLOCKS):
+            wq = q.block(b)
+            sel = ((ids == expert) & (blk == i))[:, None, None]
+            blocks.append(fp.block(b) if wq is None else jnp.where(sel, wq, fp.block(b)))
+        weights.append(ExpertWeights.dense(*blocks))
+    act = None
+    if not scheme.weight_only:
+        ok = {b: [q.block(b) is not None for q in variants] for b in BLOCKS}  # [routed, shared]
+
+        def act(rows, b, experts):
+            i = BLOCKS.index(b)
+            supported = jnp.where(experts == e_routed, ok[b][-1], ok[b][0])
+            sel = (experts == expert) & (blk == i) & supported
+            return jnp.where(sel[..., None], act_quant(rows, scheme), rows)
+
+    out, _ = _capture(block, x_td, capacity, routed=weights[0],
+                      shared=weights[1] if len(weights) > 1 else None, act=act)
     return out
 
 
@@ -209,46 +249,40 @@ def _pad_rows(x: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([x, np.zeros((n - t, x.shape[1]), x.dtype)]), mask
 
 
-def _hessians(cfg, p: walk.MoEParams, x_flat: np.ndarray, chunk: int, bar):
-    acc = None
+def _hessians(block, x_flat: np.ndarray, chunk: int, bar) -> list[MLPWeights]:
+    """Per stack (`_stacks` order): mean x xᵀ per expert (GPTQ's H up to a factor it is
+    invariant to; 0 for an unused expert) of the gate/up input and of the down input."""
+    fps = [MLPWeights.of(s) for s in _stacks(block)]
+    states = [(hessian_init(w.gate.shape[0], w.gate.shape[1]),
+               hessian_init(w.down.shape[0], w.down.shape[1])) for w in fps]
     for sl in walk.iter_batches(x_flat.shape[0], chunk):
         xc, mask = _pad_rows(x_flat[sl], chunk)
         xc = jnp.asarray(xc)
-        cap = walk.chunk_capacity(cfg, p, xc)
-        part = _chunk_hessians(cfg, p, xc, jnp.asarray(mask), capacity=cap)
-        acc = part if acc is None else jax.tree.map(jnp.add, acc, part)
+        states = _chunk_hessians(block, xc, jnp.asarray(mask), states,
+                                 capacity=walk.chunk_capacity(block, xc))
         if bar is not None:
             bar.update(1)
-    # mean x xᵀ per expert (GPTQ's H up to a factor it is invariant to); 0 for an unused expert
-    n = jnp.maximum(acc["n"], 1.0)[:, None, None]
-    routed = MLPWeights(gate=acc["gate_up"] / n, up=acc["gate_up"] / n, down=acc["down"] / n)
-    shared = None
-    if p.shared is not None:
-        ns = jnp.maximum(acc["shared_n"], 1.0)
-        shared = MLPWeights(gate=acc["shared_gate_up"] / ns, up=acc["shared_gate_up"] / ns,
-                            down=acc["shared_down"] / ns)
-    return routed, shared
+    out = []
+    for s_in, s_down in states:
+        h_in = hessian_finalize(s_in)
+        out.append(MLPWeights(gate=h_in, up=h_in, down=hessian_finalize(s_down)))
+    return out
 
 
-def _quantize_layer(p: walk.MoEParams, schemes: Sequence[QScheme], quantize: Quantizer,
-                    hess: tuple | None):
-    routed_q, shared_q = [], []
-    for s in schemes:
-        routed_q.append(quantize_mlp(p.routed, s, quantize, None if hess is None else hess[0]))
-        if p.shared is not None:
-            shared_q.append(quantize_mlp(p.shared, s, quantize,
-                                         None if hess is None else hess[1]))
-    return tuple(routed_q), tuple(shared_q)
+def _quantize_layer(block, schemes: Sequence[QScheme], quantize: Quantizer,
+                    hess: list[MLPWeights] | None) -> list[tuple[QuantizedBlocks, ...]]:
+    """Per stack (`_stacks` order), one `QuantizedBlocks` per scheme."""
+    fps = [MLPWeights.of(s) for s in _stacks(block)]
+    return [tuple(quantize_mlp(w, s, quantize, None if hess is None else hess[k])
+                  for s in schemes) for k, w in enumerate(fps)]
 
 
-def _supported(p: walk.MoEParams, scheme: QScheme, num_experts: int) -> list[list[bool]]:
+def _supported(block, scheme: QScheme) -> list[list[bool]]:
     """[E(+1)][3]: which (expert, block) the scheme can quantize."""
-    def row(w: MLPWeights):
-        return [block_supported(scheme, w.block(b).shape[-2]) for b in BLOCKS]
-
-    rows = [row(p.routed)] * num_experts
-    if p.shared is not None:
-        rows.append(row(p.shared))
+    rows = []
+    for stack in _stacks(block):
+        w = MLPWeights.of(stack)
+        rows += [[block_supported(scheme, w.block(b).shape[-2]) for b in BLOCKS]] * w.gate.shape[0]
     return rows
 
 
@@ -259,23 +293,20 @@ def _to_json_losses(sq: np.ndarray, supported: list[list[bool]]) -> dict[str, li
             for e in range(sq.shape[0])}
 
 
-def _layer_out_norm(cfg, p, xn_flat, h_flat, schemes, quantize, chunk, method, bar):
+def _layer_out_norm(block, xn_flat, h_flat, schemes, quantize, chunk, method, bar):
     """Δ² ``[S, E(+1), 3]`` (f64) and the layer output ``[N, D]`` for one MoE layer.
 
     ``h_flat`` (the residual stream after attention) is overwritten with the layer output.
     """
-    hess = None
-    if method == "gptq":
-        routed_h, shared_h = _hessians(cfg, p, xn_flat, chunk, bar)
-        hess = (routed_h, shared_h)
-    routed_q, shared_q = _quantize_layer(p, schemes, quantize, hess)
+    hess = _hessians(block, xn_flat, chunk, bar) if method == "gptq" else None
+    variants = _quantize_layer(block, schemes, quantize, hess)
     total = None
     out = h_flat  # becomes the layer output in place: one host copy fewer
     for sl in walk.iter_batches(xn_flat.shape[0], chunk):
         xc, mask = _pad_rows(xn_flat[sl], chunk)
         xc = jnp.asarray(xc)
-        cap = walk.chunk_capacity(cfg, p, xc)
-        sq, moe = _chunk_losses(cfg, p, xc, jnp.asarray(mask), routed_q, shared_q, capacity=cap)
+        sq, moe = _chunk_losses(block, xc, jnp.asarray(mask), variants,
+                                capacity=walk.chunk_capacity(block, xc))
         sq = np.asarray(sq, np.float64)
         total = sq if total is None else total + sq
         n = sl.stop - sl.start
@@ -285,22 +316,19 @@ def _layer_out_norm(cfg, p, xn_flat, h_flat, schemes, quantize, chunk, method, b
     return total, out
 
 
-def _model_out_norm(cfg, model, layer_idx, p, xn, h, final_ref, schemes, quantize, per, method,
-                    chunk, bar, rotation):
+def _model_out_norm(cfg, model, layer_idx, xn, h, final_ref, schemes, quantize, per, method,
+                    chunk, bar):
     """Brute force: Δ² ``[S, E(+1), 3]`` of the final hidden state, one block at a time."""
+    block = model.layers[layer_idx].mlp
     s_windows, t, d = xn.shape
-    hess = None
-    if method == "gptq":
-        routed_h, shared_h = _hessians(cfg, p, xn.reshape(-1, d), chunk, None)
-        hess = (routed_h, shared_h)
-    routed_q, shared_q = _quantize_layer(p, schemes, quantize, hess)
-    n_exp = cfg.num_experts + (1 if p.shared is not None else 0)
-    later = [(j, model.layers[j]) for j in range(layer_idx + 1, cfg.num_layers)]
-    later_p = {j: walk.moe_params(lay, rotation) for j, lay in later if lay.is_moe}
+    hess = _hessians(block, xn.reshape(-1, d), chunk, None) if method == "gptq" else None
+    variants = _quantize_layer(block, schemes, quantize, hess)
+    n_exp = cfg.num_experts + len(_stacks(block)) - 1
+    later = model.layers[layer_idx + 1:]
     total = np.zeros((len(schemes), n_exp, 3), np.float64)
     for si, s in enumerate(schemes):
-        sup = _supported(p, s, cfg.num_experts)
-        sh_q = shared_q[si] if shared_q else None
+        sup = _supported(block, s)
+        vs = tuple(v[si] for v in variants)
         for e in range(n_exp):
             for b in range(3):
                 if not sup[e][b]:
@@ -308,11 +336,11 @@ def _model_out_norm(cfg, model, layer_idx, p, xn, h, final_ref, schemes, quantiz
                 acc = 0.0
                 for sl in walk.iter_batches(s_windows, per):
                     x_td = jnp.asarray(xn[sl].reshape(-1, d))
-                    cap = walk.chunk_capacity(cfg, p, x_td)
-                    moe = _moe_one_block(cfg, p, x_td, e, b, routed_q[si], sh_q, capacity=cap)
+                    moe = _moe_one_block(block, x_td, e, b, vs,
+                                         capacity=walk.chunk_capacity(block, x_td))
                     x = jnp.asarray(h[sl]) + moe.reshape(h[sl].shape).astype(h.dtype)
-                    for j, lay in later:
-                        x = walk.layer_forward(cfg, lay, x, later_p.get(j), rotation)
+                    for lay in later:
+                        x = walk.run_layer(lay, x)
                     acc += float(_sq_diff(walk.final_hidden(model, x), jnp.asarray(final_ref[sl])))
                 total[si, e, b] = acc
                 if bar is not None:
@@ -333,8 +361,9 @@ def calibrate(model, windows: np.ndarray, config: CalibConfig, *, meta: dict,
               quantizer: Quantizer | None = None, rotation: Rotation | None = None) -> dict:
     """Run calibration on ``windows [S, T]``; returns the ``loss.json`` dict.
 
-    ``rotation``: the ``Rotation`` that ``model`` was rotated with (`rotate_for_calibration`);
-    its online down_proj part is applied to every down_proj input, as ``quant_forward`` does.
+    ``rotation``: the ``Rotation`` that ``model`` was rotated with (`rotate_for_calibration`,
+    which also sets it on the model: the model applies its online down_proj part itself); here
+    it is only recorded in ``meta`` and checked against the model.
 
     ``meta`` is stored as given (the CLI fills model, text, seqlen, seed, ...); ``method``,
     ``metric``, ``hadamard``, ``schemes`` and ``num_tokens`` are set from ``config``/``windows``.
@@ -353,6 +382,11 @@ def calibrate(model, windows: np.ndarray, config: CalibConfig, *, meta: dict,
         raise ValueError("rotation: config.hadamard is set but no rotation was given (rotate the "
                          "model with rotate_for_calibration and pass its Rotation)")
     if rotation is not None:  # resume only from a run with the same rotation
+        have, want = online_rotation_widths(model), sorted(rotation.down)
+        if have != want:
+            raise ValueError(f"model: it rotates down_proj inputs of widths {have} online, the "
+                             f"rotation those of {want}; call models.set_rotation(model, rotation) "
+                             "(rotate_for_calibration does)")
         meta.update(rotation_seed=rotation.seed, online_down=rotation.online_down)
     moe_layers = list(cfg.moe_layers)
     if not moe_layers:
@@ -381,7 +415,7 @@ def calibrate(model, windows: np.ndarray, config: CalibConfig, *, meta: dict,
     if config.metric == "model_out_norm" and any(i not in done for i in wanted):
         x = hidden
         for i in range(cfg.num_layers):
-            x = _fp_layer(cfg, model.layers[i], x, per, rotation)
+            x = _fp_layer(model.layers[i], x, per)
         final_ref = np.concatenate([walk.to_host(walk.final_hidden(model, jnp.asarray(x[sl])))
                                     for sl in walk.iter_batches(s_windows, per)])
     last = max(wanted)
@@ -389,32 +423,32 @@ def calibrate(model, windows: np.ndarray, config: CalibConfig, *, meta: dict,
     for i in range(last + 1):
         layer = model.layers[i]
         if i not in wanted or i in done:
-            hidden = _fp_layer(cfg, layer, hidden, per, rotation) if i < last else hidden
+            hidden = _fp_layer(layer, hidden, per) if i < last else hidden
             continue
         start = time.perf_counter()
         h, xn = _attention(layer, hidden, per)
         if config.metric == "layer_out_norm":
             hidden = None  # not needed again: frees one [S, T, D] copy while the layer runs
-        p = walk.moe_params(layer, rotation)
+        block = layer.mlp
         d = h.shape[-1]
         n_chunks = -(-xn.shape[0] * t // chunk)
         if config.metric == "layer_out_norm":
             passes = n_chunks * (2 if config.method == "gptq" else 1)
             bar = _progress(passes, f"layer {i}/{cfg.num_layers - 1}", progress)
-            sq, out = _layer_out_norm(cfg, p, xn.reshape(-1, d), h.reshape(-1, d), schemes,
+            sq, out = _layer_out_norm(block, xn.reshape(-1, d), h.reshape(-1, d), schemes,
                                       quantize, chunk, config.method, bar)
             hidden = out.reshape(h.shape)
         else:
-            n_exp = cfg.num_experts + (1 if p.shared is not None else 0)
+            n_exp = cfg.num_experts + len(_stacks(block)) - 1
             bar = _progress(len(schemes) * n_exp * 3, f"layer {i}/{cfg.num_layers - 1}",
                             progress)
-            sq = _model_out_norm(cfg, model, i, p, xn, h, final_ref, schemes, quantize, per,
-                                 config.method, chunk, bar, rotation)
-            hidden = _fp_layer(cfg, layer, hidden, per, rotation)
+            sq = _model_out_norm(cfg, model, i, xn, h, final_ref, schemes, quantize, per,
+                                 config.method, chunk, bar)
+            hidden = _fp_layer(layer, hidden, per)
         if bar is not None:
             bar.close()
         for si, s in enumerate(schemes):
-            losses[s.name][str(i)] = _to_json_losses(sq[si], _supported(p, s, cfg.num_experts))
+            losses[s.name][str(i)] = _to_json_losses(sq[si], _supported(block, s))
         done.append(i)
         if partial is not None:
             write_json_atomic(partial, {"format": FORMAT, "meta": meta, "losses": losses,
@@ -438,12 +472,9 @@ def _attention(layer, hidden: np.ndarray, per: int) -> tuple[np.ndarray, np.ndar
     return np.concatenate(hs), np.concatenate(xs)
 
 
-def _fp_layer(cfg, layer, hidden: np.ndarray, per: int, rotation: Rotation | None = None
-              ) -> np.ndarray:
-    p = walk.moe_params(layer, rotation) if layer.is_moe else None
-    return np.concatenate([
-        walk.to_host(walk.layer_forward(cfg, layer, jnp.asarray(hidden[sl]), p, rotation))
-        for sl in walk.iter_batches(hidden.shape[0], per)])
+def _fp_layer(layer, hidden: np.ndarray, per: int) -> np.ndarray:
+    return np.concatenate([walk.to_host(walk.run_layer(layer, jnp.asarray(hidden[sl])))
+                           for sl in walk.iter_batches(hidden.shape[0], per)])
 
 
 def write_losses(result: dict, out: str | os.PathLike) -> Path:
@@ -458,13 +489,10 @@ def load_losses(path: str | os.PathLike) -> dict:
 
 def rotate_for_calibration(model, seed: int) -> tuple[object, Rotation]:
     """``(rotated model, Rotation)``: the rotation ``eval --hadamard`` applies
-    (``rotate_params(..., online_down=True)``, same seed: same signs). Pass the Rotation to
-    `calibrate`, which applies its online down_proj part; the model's own forward cannot."""
-    from mxmoe_jax.models import from_flat_params, to_flat_params
-    from mxmoe_jax.quant.rotation import rotate_params
-
-    cfg, flat, rot = rotate_params(model.cfg, to_flat_params(model), seed=seed, online_down=True)
-    return from_flat_params(cfg, flat, dtype=model.dtype), rot
+    (``rotate_params(..., online_down=True)``, same seed: same signs), with its online down_proj
+    part set on the model (``models.set_rotation``), whose forward then applies it. Pass the
+    Rotation to `calibrate` too: it is recorded in the loss.json meta."""
+    return rotate_model(model, seed=seed, online_down=True)
 
 
 def partial_path_for(out: str | os.PathLike) -> Path:
@@ -483,8 +511,7 @@ def calibrate_files(model_dir: str | os.PathLike, text: Sequence[str | os.PathLi
     Resumes from ``<out>.partial.json`` when a previous run with the same settings left one; the
     partial file is removed once ``out`` is written.
     """
-    from mxmoe_jax.calib.data import token_windows, tokenize_texts
-    from mxmoe_jax.eval.perplexity import load_tokenizer
+    from mxmoe_jax.data import load_tokenizer, token_windows, tokenize_texts
     from mxmoe_jax.models.io import load_model_dir
 
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mxmoe_jax.calib import walk
-from mxmoe_jax.calib.loss import capacity_for
 from mxmoe_jax.jsonio import read_json
+from mxmoe_jax.models.moe import capacity_for
 
 FORMAT = "mxmoe-jax/trace/1"
 
@@ -41,16 +41,15 @@ def _trace_batch(model, ids: jax.Array) -> tuple[list, list]:
     counts, wsums = [], []
     for layer in model.layers:
         if not layer.is_moe:
-            x = walk.layer_forward(cfg, layer, x)
+            x = walk.run_layer(layer, x)
             continue
         h, xn = walk.attention_part(layer, x)
-        p = walk.moe_params(layer)
         x_td = xn.reshape(b * t, -1)
-        idx, wt, biggest = walk.route_with_max(cfg, p.router, x_td)
+        idx, wt, biggest = walk.routing(layer.mlp, x_td)
         c, w = _counts(idx.reshape(b, t, -1), wt.reshape(b, t, -1), cfg.num_experts)
         counts.append(np.asarray(c))
         wsums.append(np.asarray(w, np.float64))
-        moe = walk.moe_forward(cfg, p, x_td, capacity=capacity_for(int(biggest)))
+        moe = walk.moe_block(layer.mlp, x_td, capacity=capacity_for(int(biggest)))
         x = (h + moe.reshape(h.shape).astype(h.dtype)).astype(h.dtype)
     return counts, wsums
 

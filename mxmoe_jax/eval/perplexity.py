@@ -11,17 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-# load_tokenizer, windows and tokenize_file (below) are old names, for eval/cli.py and
-# calib/calibrate.py until they import mxmoe_jax.data: delete them then.
-from mxmoe_jax.data import load_tokenizer, tokenize_texts  # noqa: F401
-from mxmoe_jax.data import whole_windows as windows  # noqa: F401
 
 # logits_fn(ids [B, T] int32) -> logits [B, T, V]
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -36,11 +30,6 @@ class PerplexityResult:
 
     def to_dict(self) -> dict:
         return {"ppl": self.ppl, "tokens": self.tokens, "windows": self.windows}
-
-
-def tokenize_file(tokenizer, text_file: str | os.PathLike) -> np.ndarray:
-    """Old name of ``mxmoe_jax.data.tokenize_texts(tokenizer, [text_file])`` (for eval/cli.py)."""
-    return tokenize_texts(tokenizer, [text_file])
 
 
 @jax.jit

@@ -15,10 +15,11 @@ from conftest import FIXTURES
 from flax import nnx
 
 from mxmoe_jax.calib import calibrate as C
-from mxmoe_jax.calib import loss, walk
+from mxmoe_jax.calib import walk
 from mxmoe_jax.calib.trace import build_trace, trace_counts
-from mxmoe_jax.config import ModelConfig
-from mxmoe_jax.models import MoECausalLM
+from mxmoe_jax.config import BLOCKS, ModelConfig
+from mxmoe_jax.models import MoECausalLM, set_rotation
+from mxmoe_jax.models import moe as moe_lib
 from mxmoe_jax.quant.rtn import fake_quant_weight
 from mxmoe_jax.quant.scheme import QScheme
 
@@ -43,7 +44,7 @@ def _run_layer(layer, x):
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 100, 1000, 4097])
 def test_capacity_for_bounds(n):
-    c = loss.capacity_for(n)
+    c = moe_lib.capacity_for(n)
     assert c >= n and c >= 8
     assert c <= max(8, 1.25 * n)
 
@@ -54,7 +55,7 @@ def test_pad_groups_against_numpy():
     idx = np.stack([RNG.choice(e, k, replace=False) for _ in range(t)]).astype(np.int32)
     w = RNG.random((t, k)).astype(np.float32)
     cap = int(np.bincount(idx.ravel(), minlength=e).max())
-    g = loss.pad_groups(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), e, cap + 3)
+    g = moe_lib.pad_groups(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), e, cap + 3)
     for ex in range(e):
         tok, slot = np.nonzero(idx == ex)  # token order, as the groups promise
         n = len(tok)
@@ -73,7 +74,7 @@ def test_layer_walk_matches_model(name):
     x = model.embed_tokens(ids)
     for layer in model.layers:
         want = _run_layer(layer, x)
-        got = walk.layer_forward(cfg, layer, x)
+        got = walk.run_layer(layer, x)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
         x = want
 
@@ -164,16 +165,15 @@ def _layer_output_probe(cfg, model):
 
 def test_hadamard_walk_matches_eval_rotation(ds2_scaled):
     """The calibration walk under --hadamard (dense layer, shared and routed experts, all with the
-    online down_proj rotation) computes ``quant_forward(rotated, rotation=)``, as eval does, and
-    the rotation preserves the function of the unrotated model."""
+    online down_proj rotation) computes the rotated model's forward (``set_rotation``), as eval
+    does, and the rotation preserves the function of the unrotated model."""
     from mxmoe_jax.models import from_flat_params
-    from mxmoe_jax.quant.fakequant import quant_forward
 
     cfg, model = ds2_scaled
     ids = jnp.asarray(RNG.integers(0, cfg.vocab_size, (2, 16)))
     cfg_r, flat_r, rot_eval = _eval_rotation(cfg, model, seed=5)
     assert rot_eval.online_down and len(rot_eval.down) == 3  # dense 96, routed 32, shared 64
-    want = np.asarray(quant_forward(from_flat_params(cfg_r, flat_r), ids, None, rot_eval))
+    want = np.asarray(set_rotation(from_flat_params(cfg_r, flat_r), rot_eval)(ids))
     np.testing.assert_allclose(want, np.asarray(model(ids)), rtol=1e-4,
                                atol=1e-4 * np.abs(want).max())
 
@@ -182,23 +182,26 @@ def test_hadamard_walk_matches_eval_rotation(ds2_scaled):
         np.testing.assert_array_equal(rot.down_signs(width), s)
     x = walk.embed(rmodel, ids)
     for layer in rmodel.layers:
-        x = walk.layer_forward(cfg_r, layer, x, rotation=rot)
+        x = walk.run_layer(layer, x)
     got = np.asarray(rmodel.logits(x))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     # the online part matters: without it the rotated weights compute something else
+    set_rotation(rmodel, None)
     y = walk.embed(rmodel, ids)
     for layer in rmodel.layers:
-        y = walk.layer_forward(cfg_r, layer, y)
+        y = walk.run_layer(layer, y)
     assert np.abs(np.asarray(rmodel.logits(y)) - want).max() > 1e-2 * np.abs(want).max()
 
 
 def test_hadamard_shortcut_equals_quant_forward(ds2_scaled):
     """Shortcut Δ under --hadamard against brute force with the eval forward: one block
-    fake-quantized through a one-entry QuantPlan, ``quant_forward`` with that plan and the
-    rotation (activation fake-quant on the rotated down input), the last layer's output.
+    quantized (weight-only: RTN of that block in the params; weight-activation: a one-entry
+    Allocation through ``quantize_model``, activation quant on the rotated down input), the
+    rotated model's forward (``set_rotation``), the last layer's output.
     An RTN weight-only scheme and a weight-activation one."""
+    from mxmoe_jax.alloc.qconfig import Allocation
     from mxmoe_jax.models import from_flat_params
-    from mxmoe_jax.quant.fakequant import QuantPlan, fake_quantize_params, quant_forward
+    from mxmoe_jax.quantize.apply import quantize_model
 
     cfg, model = ds2_scaled
     ids = RNG.integers(0, cfg.vocab_size, (2, 24))
@@ -214,20 +217,36 @@ def test_hadamard_shortcut_equals_quant_forward(ds2_scaled):
     cfg_r, flat_r, rot_eval = _eval_rotation(cfg, model, seed=1)
     d = cfg.hidden_size
 
-    def layer_out(flat, plan):
-        m = _layer_output_probe(cfg_r, from_flat_params(cfg_r, flat))
-        return np.asarray(quant_forward(m, jnp.asarray(ids), plan, rot_eval), np.float64)[..., :d]
+    def rotated(flat):
+        return set_rotation(from_flat_params(cfg_r, flat), rot_eval)
 
-    ref = layer_out(flat_r, None)
+    def layer_out(m):
+        m = _layer_output_probe(cfg_r, m)
+        return np.asarray(m(jnp.asarray(ids)), np.float64)[..., :d]
+
+    def one_block(e, b, scheme):
+        """The rotated model with block ``b`` of expert ``e`` quantized, as the docstring says."""
+        if not scheme.weight_only:
+            return quantize_model(rotated(flat_r), Allocation(cfg_r, {(i, e, b): scheme}))
+        flat = dict(flat_r)
+        if e < cfg.num_experts:
+            key = f"layers/{i}/mlp/experts/{b}"
+            w = np.array(flat[key])
+            w[e] = np.asarray(fake_quant_weight(w[e], scheme))
+        else:
+            key = f"layers/{i}/mlp/shared/{b}_proj/kernel"
+            w = np.asarray(fake_quant_weight(flat[key], scheme))
+        flat[key] = w
+        return rotated(flat)
+
+    ref = layer_out(rotated(flat_r))
     cases = {schemes[0]: [(3, "down"), (cfg.num_experts, "up")],
              schemes[1]: [(5, "down"), (cfg.num_experts, "down")]}
     for scheme, blocks in cases.items():
         got = res["losses"][scheme.name][str(i)]
         for e, b in blocks:
-            plan = QuantPlan.from_mapping({(i, e, b): scheme})
-            want = float(np.linalg.norm(
-                layer_out(fake_quantize_params(cfg_r, flat_r, plan), plan) - ref))
-            d_got = got[str(e)][loss.BLOCKS.index(b)]
+            want = float(np.linalg.norm(layer_out(one_block(e, b, scheme)) - ref))
+            d_got = got[str(e)][BLOCKS.index(b)]
             assert want > 0 and abs(want - d_got) <= 1e-3 * want + 1e-6, (scheme, e, b, want)
 
 
