@@ -6,6 +6,14 @@ import json
 import os
 from pathlib import Path
 
+# The artifact format tags, defined once (each artifact's module documents its schema).
+MODEL_FORMAT = "mxmoe-jax/model/1"
+QMODEL_FORMAT = "mxmoe-jax/qmodel/1"
+TRACE_FORMAT = "mxmoe-jax/trace/1"
+LOSS_FORMAT = "mxmoe-jax/loss/1"
+PERF_FORMAT = "mxmoe-jax/perf/1"
+QCONFIG_FORMAT = "mxmoe-jax/qconfig/1"
+
 
 def write_json_atomic(path: str | os.PathLike, obj, *, force: bool = True) -> Path:
     """Write ``obj`` as JSON to a temporary name beside ``path``, then rename it into place, so a

@@ -27,12 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from mxmoe_jax.alloc.milp import Units
-from mxmoe_jax.jsonio import read_json
+from mxmoe_jax.jsonio import LOSS_FORMAT, TRACE_FORMAT, read_json
 from mxmoe_jax.perf.model import PerfModel
 from mxmoe_jax.quant.scheme import QScheme
 
-TRACE_FORMAT = "mxmoe-jax/trace/1"
-LOSS_FORMAT = "mxmoe-jax/loss/1"
 GROUPS = ("gate_up", "down")
 GRANULARITIES = ("linear", "expert")
 

@@ -30,9 +30,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from mxmoe_jax.config import BLOCKS
+from mxmoe_jax.jsonio import QCONFIG_FORMAT as FORMAT
 from mxmoe_jax.quant.scheme import QScheme
-
-FORMAT = "mxmoe-jax/qconfig/1"
 
 
 def make_qconfig(layers: dict, *, meta: dict, summary: dict) -> dict:

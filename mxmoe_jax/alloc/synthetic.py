@@ -15,6 +15,7 @@ import argparse
 
 import numpy as np
 
+from mxmoe_jax.jsonio import LOSS_FORMAT, TRACE_FORMAT
 from mxmoe_jax.quant.scheme import QScheme
 
 
@@ -23,7 +24,7 @@ def synthetic_trace(*, num_layers: int = 24, num_experts: int = 60, top_k: int =
                     num_tokens: int = 4096, seed: int = 0, model: str = "synthetic") -> dict:
     """A trace.json dict (``mxmoe-jax/trace/1``)."""
     rng = np.random.default_rng(seed)
-    out = {"format": "mxmoe-jax/trace/1", "model": model, "text": ["synthetic"], "topk": top_k,
+    out = {"format": TRACE_FORMAT, "model": model, "text": ["synthetic"], "topk": top_k,
            "NK": [moe_inter, hidden], "num_layers": num_layers, "num_tokens": num_tokens,
            "num_samples": 1, "num_shared_experts": float(shared_ratio),
            "moe_layers": list(range(num_layers))}
@@ -67,7 +68,7 @@ def synthetic_loss(trace: dict, schemes, *, seed: int = 0, method: str = "rtn") 
             vals = base * scale * rng.lognormal(0, 0.1, base.shape)
             losses[n][str(layer)] = {str(e): [round(float(v), 8) for v in row]
                                      for e, row in enumerate(vals)}
-    return {"format": "mxmoe-jax/loss/1",
+    return {"format": LOSS_FORMAT,
             "meta": {"model": trace.get("model", "synthetic"), "method": method, "hadamard": False,
                      "metric": "layer_out_norm", "text": ["synthetic"],
                      "num_tokens": trace["num_tokens"], "seqlen": trace["num_tokens"],

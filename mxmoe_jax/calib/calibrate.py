@@ -48,6 +48,7 @@ from flax import nnx
 from mxmoe_jax.calib import walk
 from mxmoe_jax.calib.loss import MLPWeights, QuantizedBlocks, act_quant, block_supported, losses_sq
 from mxmoe_jax.config import BLOCKS, ModelConfig
+from mxmoe_jax.jsonio import LOSS_FORMAT as FORMAT
 from mxmoe_jax.jsonio import read_json, write_json_atomic
 from mxmoe_jax.models.model import online_rotation_widths
 from mxmoe_jax.models.moe import ExpertWeights, Hooks, moe_forward, signs_of
@@ -63,7 +64,6 @@ from mxmoe_jax.quant.rtn import fake_quant_weight
 from mxmoe_jax.quant.scheme import QScheme
 from mxmoe_jax.quantize.rotation import rotate_model
 
-FORMAT = "mxmoe-jax/loss/1"
 METHODS = ("rtn", "gptq")
 METRICS = ("layer_out_norm", "model_out_norm")
 

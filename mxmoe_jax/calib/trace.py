@@ -19,10 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mxmoe_jax.calib import walk
+from mxmoe_jax.jsonio import TRACE_FORMAT as FORMAT
 from mxmoe_jax.jsonio import read_json
 from mxmoe_jax.models.moe import capacity_for
-
-FORMAT = "mxmoe-jax/trace/1"
 
 
 @functools.partial(jax.jit, static_argnames="num_experts")
@@ -164,16 +163,17 @@ def trace_files(model_dir: str | os.PathLike, text: Sequence[str | os.PathLike],
                 seqlen: int = 4096, nsamples: int = 32, sampling: str = "sample", seed: int = 42,
                 tokenizer_dir: str | os.PathLike | None = None, batch_tokens: int = 8192,
                 progress: bool = False) -> dict:
-    """Load a MODEL_DIR, cut ``text`` into windows with its tokenizer, and trace it."""
+    """Load a MODEL_DIR or QMODEL_DIR (its own routing, on quantized layer inputs), cut
+    ``text`` into windows with its tokenizer, and trace it."""
     import jax.numpy as jnp
 
     from mxmoe_jax.data import load_tokenizer, token_windows, tokenize_texts
-    from mxmoe_jax.models.io import load_model_dir
+    from mxmoe_jax.quantize.checkpoint import load_any
 
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     ids = token_windows(tokenize_texts(tokenizer, text), seqlen=seqlen, nsamples=nsamples,
                         sampling=sampling, seed=seed)
-    cfg, model = load_model_dir(model_dir, dtype=jnp.float32)
+    cfg, model = load_any(model_dir, dtype=jnp.float32)
     counts, wsums = trace_counts(model, ids, batch_tokens=batch_tokens, progress=progress)
     return build_trace(cfg, counts, wsums, model=str(model_dir), text=[str(t) for t in text],
                        num_tokens=ids.shape[1])

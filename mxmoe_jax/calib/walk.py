@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from mxmoe_jax.models import moe as moe_lib
+from mxmoe_jax.models.model import attention_part
 from mxmoe_jax.models.moe import capacity_for, route
 
 
@@ -31,14 +32,6 @@ from mxmoe_jax.models.moe import capacity_for, route
 def embed(model, ids: jax.Array) -> jax.Array:
     """``[B, T]`` ids -> the first layer's input ``[B, T, D]`` (model dtype)."""
     return model.embed_tokens(ids)
-
-
-@nnx.jit
-def attention_part(layer, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(h, xn)``: the residual stream after attention and the MLP input ``post_attn_norm(h)``."""
-    positions = jnp.arange(x.shape[1], dtype=jnp.int32)
-    h = layer.attention_residual(x, positions)
-    return h, layer.post_attn_norm(h)
 
 
 @nnx.jit

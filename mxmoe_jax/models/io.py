@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-FORMAT = "mxmoe-jax/model/1"
+from mxmoe_jax.jsonio import MODEL_FORMAT as FORMAT
+
 MANIFEST = "model.json"
 HF_CONFIG = "config.json"
 PARAMS = "params"

@@ -63,7 +63,7 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         h = self.attention_residual(x, positions)
-        return h + self.mlp(self.post_attn_norm(h))
+        return h + self.mlp(self.post_attn_norm(h))  # the loop in MoECausalLM.hidden inlines this
 
 
 class MoECausalLM(nnx.Module):
@@ -96,12 +96,36 @@ class MoECausalLM(nnx.Module):
         return jnp.dot(h, w.astype(h.dtype), precision=matmul_precision(self.dtype),
                        preferred_element_type=jnp.float32)
 
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
+    def hidden(self, input_ids: jax.Array, *, capture: tuple[int, ...] = (),
+               last: int | None = None) -> tuple[jax.Array, dict[int, jax.Array]]:
+        """The decoder loop: the hidden state after layer ``last`` (default: the last layer)
+        ``[B, T, D]`` and the MLP / MoE-block input of each layer in ``capture``."""
         x = self.embed_tokens(input_ids)
         positions = jnp.arange(input_ids.shape[1], dtype=jnp.int32)
-        for layer in self.layers:
-            x = layer(x, positions)
-        return self.logits(x)
+        last = len(self.layers) - 1 if last is None else last
+        captured = {}
+        for i, layer in enumerate(self.layers):
+            if i > last:
+                break  # nothing after the last needed layer is computed
+            h = layer.attention_residual(x, positions)
+            mlp_in = layer.post_attn_norm(h)
+            if i in capture:
+                captured[i] = mlp_in
+            x = h + layer.mlp(mlp_in)
+        return x, captured
+
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        return self.logits(self.hidden(input_ids)[0])
+
+
+@nnx.jit
+def attention_part(layer: DecoderLayer, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Jitted ``(h, xn)`` of one layer on ``x [B, T, D]``: the residual stream after attention and
+    the MLP input ``post_attn_norm(h)`` (positions ``0..T-1``). Layer-by-layer walks (calibration,
+    GPTQ) run the MLP part themselves."""
+    positions = jnp.arange(x.shape[1], dtype=jnp.int32)
+    h = layer.attention_residual(x, positions)
+    return h, layer.post_attn_norm(h)
 
 
 @nnx.jit
@@ -113,18 +137,8 @@ def forward(model: MoECausalLM, input_ids: jax.Array) -> jax.Array:
 @partial(nnx.jit, static_argnames=("capture", "with_logits"))
 def _forward_hidden(model: MoECausalLM, input_ids: jax.Array, *, capture: tuple[int, ...],
                     with_logits: bool):
-    x = model.embed_tokens(input_ids)
-    positions = jnp.arange(input_ids.shape[1], dtype=jnp.int32)
-    captured = {}
     last = max(capture, default=-1) if not with_logits else model.cfg.num_layers - 1
-    for i, layer in enumerate(model.layers):
-        if i > last:
-            break  # nothing after the last captured layer is needed
-        h = layer.attention_residual(x, positions)
-        mlp_in = layer.post_attn_norm(h)
-        if i in capture:
-            captured[i] = mlp_in
-        x = h + layer.mlp(mlp_in)
+    x, captured = model.hidden(input_ids, capture=capture, last=last)
     return (model.logits(x) if with_logits else None), captured
 
 

@@ -31,11 +31,10 @@ import datetime
 import itertools
 import math
 
+from mxmoe_jax.jsonio import PERF_FORMAT as FORMAT
 from mxmoe_jax.perf.devices import DeviceSpec
 from mxmoe_jax.perf.shapes import MoEShapes
 from mxmoe_jax.quant.scheme import ORIGINAL_SCHEMES, QScheme
-
-FORMAT = "mxmoe-jax/perf/1"
 
 # measured on the H200 (BENCHMARKS.md): weight TB/s of each weight format / bf16's 3.97 TB/s
 _BF16_STREAM = 3.97

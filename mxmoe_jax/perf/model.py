@@ -24,9 +24,9 @@ import json
 import math
 from pathlib import Path
 
+from mxmoe_jax.jsonio import PERF_FORMAT as FORMAT
 from mxmoe_jax.quant.scheme import QScheme
 
-FORMAT = "mxmoe-jax/perf/1"
 _REQUIRED = ("format", "source", "device", "points")
 _TILE_FIELDS = ("bm", "bn", "bk", "split_k", "num_warps", "num_stages")
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mxmoe_jax.alloc.qconfig import Allocation, make_qconfig
+from mxmoe_jax.jsonio import QMODEL_FORMAT as FORMAT
 from mxmoe_jax.models import from_flat_params, set_rotation, swiglu_stacks, to_flat_params
 from mxmoe_jax.models import io as model_io
 from mxmoe_jax.models.moe import ExpertWeights, QuantizedExperts, SchemeGroup
@@ -40,7 +41,6 @@ from mxmoe_jax.quant.rotation import Rotation, load_rotation, save_rotation
 from mxmoe_jax.quant.scheme import W16A16, QScheme
 from mxmoe_jax.quantize.apply import replace_stack
 
-FORMAT = "mxmoe-jax/qmodel/1"
 MANIFEST = "qmodel.json"
 PROJS = ("gate_up", "down")
 

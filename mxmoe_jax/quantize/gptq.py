@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from mxmoe_jax.alloc.qconfig import Allocation
+from mxmoe_jax.models.model import attention_part
 from mxmoe_jax.models.moe import Hooks, QuantizedExperts, dense_swiglu, moe_forward, signs_of
 from mxmoe_jax.quant.gptq import (
     GPTQConfig,
@@ -38,12 +39,6 @@ from mxmoe_jax.quantize.apply import (
 )
 
 PROJS = ("gate_up", "down")
-
-
-@nnx.jit
-def _attention(layer, x, positions):
-    h = layer.attention_residual(x, positions)
-    return h, layer.post_attn_norm(h)
 
 
 @nnx.jit
@@ -85,7 +80,6 @@ def gptq_weights(model, calib_ids: np.ndarray, allocation: Allocation, *,
     if ids.ndim != 2 or ids.shape[0] == 0:
         raise ValueError(f"calib_ids: expected [n >= 1, seqlen] token ids, got shape {ids.shape}")
     work = copy_model(model)  # quantized layer by layer below
-    positions = jnp.arange(ids.shape[1], dtype=jnp.int32)
     xs = [work.embed_tokens(jnp.asarray(ids[s:s + batch_windows]))
           for s in range(0, len(ids), batch_windows)]
     out: Quantized = {}
@@ -96,7 +90,7 @@ def gptq_weights(model, calib_ids: np.ndarray, allocation: Allocation, *,
         layers = tqdm(layers, desc="gptq", unit="layer")
     for i in layers:
         layer = work.layers[i]
-        parts = [_attention(layer, x, positions) for x in xs]  # [(h, y)]
+        parts = [attention_part(layer, x) for x in xs]  # [(h, y)]
         planned = [(li, idx, stack, plan) for li, idx, stack, plan
                    in allocated_stacks(work, allocation) if li == i]
         if planned:

@@ -75,6 +75,22 @@ def test_quantize_round_trip_is_bit_identical(model_dir, tmp_path, capsys):
     assert sizes["experts_stored"] <= 4 * sizes["experts_predicted"]
 
 
+def test_trace_reads_a_qmodel_dir(model_dir, tmp_path):
+    """trace on a QMODEL_DIR: the quantized model's own routing, every routed slot counted."""
+    from mxmoe_jax.calib.trace import trace_counts
+    from mxmoe_jax.quantize.checkpoint import load_any
+
+    out = tmp_path / "qmodel"
+    assert cli_main(["quantize", "--model", str(model_dir), "--scheme", "w4a16_g-1_asym",
+                     "--out", str(out)]) == 0
+    cfg, qmodel = load_any(out)
+    ids = np.asarray(np.load(HF / "inputs.npz")["input_ids"])
+    counts, _ = trace_counts(qmodel, ids)
+    total = ids.size * cfg.num_experts_per_tok
+    per_layer = np.asarray(counts).sum(axis=(1, 2))  # [L_moe]
+    assert len(per_layer) == len(cfg.moe_layers) and np.all(per_layer == total), per_layer
+
+
 def test_stored_bytes_equal_the_predicted_bits(model_dir, tmp_path):
     """No padding (8-bit codes and bf16): stored expert bytes are exactly the allocation's."""
     q = _qconfig(tmp_path / "q.json", range(2), 9,
