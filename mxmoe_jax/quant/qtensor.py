@@ -73,11 +73,29 @@ def codes_dtype(scheme: QScheme):
     return jnp.int8 if scheme.sym else jnp.uint8
 
 
+def _f16_next(h: jax.Array, up: bool) -> jax.Array:
+    """The float16 neighbour of finite ``h`` toward +inf (``up``) or -inf, by integer steps on
+    the bit pattern (``jnp.nextafter`` on float16 is not the same on every backend: on the H200
+    it gave other scales than the CPU for a third of the columns of a random weight)."""
+    b = jax.lax.bitcast_convert_type(h.astype(jnp.float16), jnp.uint16).astype(jnp.int32)
+    neg = b >= 0x8000
+    mag = b & 0x7FFF
+    grow = neg != up  # the magnitude grows going away from zero
+    zero = mag == 0
+    new_mag = jnp.where(grow, mag + 1, mag - 1)
+    new_neg = neg
+    # from +-0: one step to the smallest subnormal of the sign of the direction
+    new_mag = jnp.where(zero, 1, new_mag)
+    new_neg = jnp.where(zero, not up, new_neg)
+    out = new_mag | jnp.where(new_neg, 0x8000, 0)
+    return jax.lax.bitcast_convert_type(out.astype(jnp.uint16), jnp.float16)
+
+
 def _round_f16_down(x: jax.Array) -> jax.Array:
     """The largest float16 value <= ``x`` (f32 in, f32 out), clipped to float16's finite range."""
     x = jnp.clip(x, -F16_MAX, F16_MAX)
     h = x.astype(jnp.float16)
-    h = jnp.where(h.astype(jnp.float32) > x, jnp.nextafter(h, jnp.float16(-jnp.inf)), h)
+    h = jnp.where(h.astype(jnp.float32) > x, _f16_next(h, up=False), h)
     return h.astype(jnp.float32)
 
 
@@ -90,9 +108,9 @@ def _covering_scale(span: jax.Array, qmax) -> jax.Array:
     """
     span = jnp.clip(span, 0.0, F16_MAX * qmax)
     s = (span / qmax).astype(jnp.float16)  # within one float16 step of the answer
-    up = jnp.nextafter(s, jnp.float16(jnp.inf))
+    up = _f16_next(s, up=True)
     s = jnp.where(s.astype(jnp.float32) * qmax < span, up, s)
-    down = jnp.nextafter(s, jnp.float16(0))
+    down = _f16_next(s, up=False)  # s >= 0: toward zero
     s = jnp.where((s > 0) & (down.astype(jnp.float32) * qmax >= span), down, s)
     s = s.astype(jnp.float32)
     return jnp.where(span == 0, 1.0, s)
