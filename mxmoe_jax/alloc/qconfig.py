@@ -212,9 +212,6 @@ class Allocation:
             out.setdefault(str(li), {}).setdefault(str(e), {})[b] = s.name
         return out
 
-    def schemes(self) -> list[QScheme]:
-        return sorted({s for _, s in self.items}, key=str)
-
     def __eq__(self, other) -> bool:
         return isinstance(other, Allocation) and self.items == other.items
 

@@ -263,11 +263,6 @@ class ExpertWeights:
         return cls(gate_up=(SchemeGroup(w=(gate, up), experts=experts, scheme=W16A16),),
                    down=(SchemeGroup(w=down, experts=experts, scheme=W16A16),), num_experts=e)
 
-    def schemes(self) -> dict[str, dict[int, QScheme]]:
-        """``{"gate_up": {expert: scheme}, "down": {...}}``."""
-        return {p: {e: g.scheme for g in getattr(self, p) for e in g.experts}
-                for p in ("gate_up", "down")}
-
 
 def _matmul_padded(x_ecd: jax.Array, w: Weight) -> jax.Array:
     """``[n, C, K] x [n, K, N] -> [n, C, N]`` f32 at HIGHEST: the padded layout's reference
@@ -317,7 +312,6 @@ class PaddedRows:
     def __init__(self, num_experts: int, capacity: int):
         self.e = num_experts
         self.c = capacity
-        self.group_sizes = None
 
     def expert_ids(self) -> jax.Array:
         return jnp.broadcast_to(jnp.arange(self.e, dtype=jnp.int32)[:, None], (self.e, self.c))
