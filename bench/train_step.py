@@ -11,14 +11,13 @@ from __future__ import annotations
 def main() -> int:
     import time
 
-    import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
     from flax import nnx
 
     from mxmoe_jax.config import ModelConfig
-    from mxmoe_jax.default_model import DefaultRecipe, hf_config
+    from mxmoe_jax.default_model import DefaultRecipe, hf_config, train_step
     from mxmoe_jax.models import MoECausalLM
 
     r = DefaultRecipe()
@@ -26,16 +25,7 @@ def main() -> int:
     model = MoECausalLM(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     opt = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
 
-    def loss_fn(m, batch):
-        logits = m(batch[:, :-1])
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, batch[:, 1:, None], axis=-1))
-
-    @nnx.jit
-    def step(m, o, batch):
-        loss, grads = nnx.value_and_grad(loss_fn)(m, batch)
-        o.update(m, grads)
-        return loss
+    step = train_step()
 
     batch = jnp.asarray(np.random.default_rng(0).integers(0, r.vocab_size, (16, 129)), jnp.int32)
     float(step(model, opt, batch))

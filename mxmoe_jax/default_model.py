@@ -105,6 +105,26 @@ def hf_config(recipe: DefaultRecipe) -> dict:
     }
 
 
+def lm_loss(model, batch: jax.Array) -> jax.Array:
+    """Mean next-token NLL of ``batch [B, T+1]`` (tokens 1..T predicted from those before)."""
+    logits = model(batch[:, :-1])
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, batch[:, 1:, None], axis=-1))
+
+
+def train_step():
+    """A jitted ``step(model, optimizer, batch) -> loss`` (one optimizer update of `lm_loss`)."""
+    from flax import nnx
+
+    @nnx.jit
+    def step(m, opt, batch):
+        loss, grads = nnx.value_and_grad(lm_loss)(m, batch)
+        opt.update(m, grads)
+        return loss
+
+    return step
+
+
 def train_default_model(hf_out: str | os.PathLike, recipe: DefaultRecipe = DefaultRecipe(), *,
                         progress: bool = True) -> dict:
     """Train the default model and write it as a Hugging Face folder ``hf_out``.
@@ -138,17 +158,7 @@ def train_default_model(hf_out: str | os.PathLike, recipe: DefaultRecipe = Defau
                      optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.1))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-    def loss_fn(m, batch):
-        logits = m(batch[:, :-1])
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, batch[:, 1:, None], axis=-1))
-
-    @nnx.jit
-    def step(m, opt, batch):
-        loss, grads = nnx.value_and_grad(loss_fn)(m, batch)
-        opt.update(m, grads)
-        return loss
-
+    step = train_step()
     rng = np.random.default_rng(recipe.seed)
     span = recipe.seqlen + 1
     losses, start = [], time.perf_counter()
