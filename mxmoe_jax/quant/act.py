@@ -8,7 +8,8 @@ input dtype. With ``RN`` the IEEE f32 round-to-nearest-even of the exact real va
 * ``scale = RN(amax / Q)`` (the dequantization scale) and ``inv = RN(Q / amax)``, one correctly
   rounded division each, computed once per row/group by `div_rn`;
 * codes ``round_half_even(RN(x * inv))`` clipped to ``[-Q, Q]``, int8; for FP8
-  ``RN(x * inv)`` clipped to ``[-448, 448]`` and rounded (to nearest even) to float8_e4m3fn;
+  ``RN(x * inv)`` clipped to ``[-448, 448]`` and rounded (to nearest even) to float8_e4m3fn
+  (by `fpexact.snap`, exact, then a cast that changes nothing);
 * a row/group with ``amax < 2^-100`` (in practice: all zero) gets scale 1 and codes 0.
 
 Why a multiply by a per-row reciprocal and not ``x / scale``: compilers do not keep ``x / scale``.
@@ -30,9 +31,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax import lax
 
+from mxmoe_jax.quant.fpexact import F8_E4M3_BITS, div_rn, snap
 from mxmoe_jax.quant.qtensor import FP8_MAX
 from mxmoe_jax.quant.scheme import QScheme
 
@@ -51,47 +51,6 @@ def _check(x: jax.Array, scheme: QScheme) -> int:
     if k % scheme.group_size:
         raise ValueError(f"group_size: {scheme.group_size} does not divide the activations' K={k}")
     return scheme.group_size
-
-
-def _parts(v):
-    """(biased exponent, 24-bit significand) of a positive normal f32: ``v = m * 2^(e-150)``."""
-    if isinstance(v, (int, float)):
-        b = int(np.asarray(v, np.float32).view(np.int32))
-        return b >> 23, (b & 0x7FFFFF) | 0x800000
-    b = lax.bitcast_convert_type(v.astype(jnp.float32), jnp.int32)
-    return b >> 23, (b & 0x7FFFFF) | 0x800000
-
-
-def div_rn(n, d) -> jax.Array:
-    """``RN(n / d)``, the correctly rounded f32 quotient, with int32 arithmetic only.
-
-    ``n`` and ``d`` are f32 arrays of one shape, or one of them a Python number; both positive
-    and normal, and the quotient a normal f32 (the caller guarantees it; nothing is checked).
-    The significands are divided by schoolbook long division (25 quotient bits and a sticky
-    remainder), then rounded half to even, so the result does not depend on how a backend
-    implements (or rewrites) floating-point division. Lowers in Pallas (Triton) kernels too.
-    """
-    en, mn = _parts(n)
-    ed, md = _parts(d)
-    shape = jnp.shape(n if not isinstance(n, (int, float)) else d)
-    r = jnp.broadcast_to(jnp.asarray(mn, jnp.int32), shape)
-    md = jnp.broadcast_to(jnp.asarray(md, jnp.int32), shape)
-    q = jnp.zeros(shape, jnp.int32)
-    for k in (7, 6, 6, 6):  # r < 2^24 before each shift, so r << 7 stays below 2^31
-        r = r << k
-        digit = lax.div(r, md)
-        r = r - digit * md
-        q = (q << k) | digit
-    # q = floor(mn * 2^25 / md) in [2^24, 2^26); r the remainder
-    big = q >= (1 << 25)  # mn >= md: the quotient's significand is in [1, 2)
-    q = jnp.where(big, q, q << 1)  # [2^25, 2^26): 24 significand bits, a guard bit, a round bit
-    sig = q >> 2
-    guard = (q >> 1) & 1
-    rest = (q & 1) | (r != 0).astype(jnp.int32)
-    up = guard & (rest | (sig & 1))
-    e = en - ed + 126 + big.astype(jnp.int32)  # biased exponent of the quotient
-    # a significand rounded up to 2^24 carries into the exponent field, as IEEE rounding does
-    return lax.bitcast_convert_type((e << 23) + (sig - (1 << 23)) + up, jnp.float32)
 
 
 def scale_and_inverse(amax: jax.Array, qmax: float) -> tuple[jax.Array, jax.Array]:
@@ -118,7 +77,9 @@ def quantize_activations(x: jax.Array, scheme: QScheme | str) -> tuple[jax.Array
     scale, inv = scale_and_inverse(amax, qmax)
     y = xg * inv[..., None]
     if scheme.fp8:
-        codes = jnp.clip(y, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+        # rounded to the float8 grid by `snap`, not by the cast: a fused f32 -> f8 -> f32 round
+        # trip may be deleted by the GPU compiler (see `fpexact`); the cast is then exact
+        codes = snap(jnp.clip(y, -FP8_MAX, FP8_MAX), F8_E4M3_BITS).astype(jnp.float8_e4m3fn)
     else:
         codes = jnp.clip(jnp.round(y), -qmax, qmax).astype(jnp.int8)
     return codes.reshape(m, k), scale

@@ -32,6 +32,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from mxmoe_jax.quant.fpexact import F8_E4M3_BITS, F16_BITS, div_rn, prev_float, snap, snap_step
 from mxmoe_jax.quant.scheme import QScheme
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -73,46 +74,24 @@ def codes_dtype(scheme: QScheme):
     return jnp.int8 if scheme.sym else jnp.uint8
 
 
-def _f16_next(h: jax.Array, up: bool) -> jax.Array:
-    """The float16 neighbour of finite ``h`` toward +inf (``up``) or -inf, by integer steps on
-    the bit pattern (``jnp.nextafter`` on float16 is not the same on every backend: on the H200
-    it gave other scales than the CPU for a third of the columns of a random weight)."""
-    b = jax.lax.bitcast_convert_type(h.astype(jnp.float16), jnp.uint16).astype(jnp.int32)
-    neg = b >= 0x8000
-    mag = b & 0x7FFF
-    grow = neg != up  # the magnitude grows going away from zero
-    zero = mag == 0
-    new_mag = jnp.where(grow, mag + 1, mag - 1)
-    new_neg = neg
-    # from +-0: one step to the smallest subnormal of the sign of the direction
-    new_mag = jnp.where(zero, 1, new_mag)
-    new_neg = jnp.where(zero, not up, new_neg)
-    out = new_mag | jnp.where(new_neg, 0x8000, 0)
-    return jax.lax.bitcast_convert_type(out.astype(jnp.uint16), jnp.float16)
-
-
 def _round_f16_down(x: jax.Array) -> jax.Array:
     """The largest float16 value <= ``x`` (f32 in, f32 out), clipped to float16's finite range."""
-    x = jnp.clip(x, -F16_MAX, F16_MAX)
-    h = x.astype(jnp.float16)
-    h = jnp.where(h.astype(jnp.float32) > x, _f16_next(h, up=False), h)
-    return h.astype(jnp.float32)
+    return snap(jnp.clip(x, -F16_MAX, F16_MAX), F16_BITS, jnp.floor)
 
 
 def _covering_scale(span: jax.Array, qmax) -> jax.Array:
     """The smallest float16 ``s`` with ``s * qmax >= span`` (as f32), or 1 where ``span == 0``.
 
-    Stated as a product, not as ``span / qmax``: XLA may turn a division by a constant into a
-    multiplication by its reciprocal, which is off by an ulp and would make requantizing a
-    dequantized tensor pick a different scale. ``s * qmax`` is exact in f32 (11 x 9 bits).
+    Decided by products, not by ``span / qmax`` (which a backend may compute a few ulp off; see
+    `fpexact`): the quotient only gives a first guess, within one float16 step of the answer, and
+    ``s * qmax`` is exact in f32 (11 x 9 bits). Float16 values are handled as f32 on the float16
+    grid (`fpexact.snap`), never by casting.
     """
     span = jnp.clip(span, 0.0, F16_MAX * qmax)
-    s = (span / qmax).astype(jnp.float16)  # within one float16 step of the answer
-    up = _f16_next(s, up=True)
-    s = jnp.where(s.astype(jnp.float32) * qmax < span, up, s)
-    down = _f16_next(s, up=False)  # s >= 0: toward zero
-    s = jnp.where((s > 0) & (down.astype(jnp.float32) * qmax >= span), down, s)
-    s = s.astype(jnp.float32)
+    s = snap(span / qmax, F16_BITS, jnp.ceil)
+    s = jnp.where(s * qmax < span, s + snap_step(s, F16_BITS), s)
+    down = s - snap_step(prev_float(s), F16_BITS)  # the float16 below s (s > 0)
+    s = jnp.where((s > 0) & (down * qmax >= span), down, s)
     return jnp.where(span == 0, 1.0, s)
 
 
@@ -134,12 +113,28 @@ def grid_params(
 
 
 def encode(x: jax.Array, scale: jax.Array, offset: jax.Array | None, scheme: QScheme) -> jax.Array:
-    """Codes of ``x`` on the grid given by ``scale``/``offset`` (broadcast against ``x``)."""
+    """Codes of ``x`` on the grid given by ``scale``/``offset`` (broadcast against ``x``).
+
+    ``round_half_even(RN((x - offset) / scale))`` clipped to the code range (fp8: ``RN`` to
+    float8_e4m3fn of the clipped quotient): NumPy's f32 ``round(x / scale)``, with the quotient
+    from `fpexact.div_rn` so every backend gives these bits.
+    """
     x = x.astype(jnp.float32)
-    if scheme.fp8:
-        return jnp.clip(x / scale, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
     shifted = x if offset is None else x - offset
-    q = jnp.clip(jnp.round(shifted / scale), scheme.qmin, scheme.qmax)
+    scale = jnp.broadcast_to(scale, shifted.shape)
+    # (qmin/qmax may be traced: GPTQ compiles one body for every bit width)
+    lim = FP8_MAX if scheme.fp8 else jnp.maximum(-scheme.qmin, scheme.qmax).astype(jnp.float32)
+    mag = jnp.abs(shifted)
+    # div_rn needs a positive normal quotient: below 2^-12 every code is 0 and above lim + 1 the
+    # clip decides, so those elements take a stand-in (the products are exact)
+    zero = mag < scale * 2.0 ** -12
+    big = mag >= scale * (lim + 1)
+    quot = div_rn(jnp.where(zero | big, scale, mag), scale)
+    quot = jnp.sign(shifted) * jnp.where(zero, 0.0, jnp.where(big, lim + 1, quot))
+    if scheme.fp8:
+        q = snap(jnp.clip(quot, -FP8_MAX, FP8_MAX), F8_E4M3_BITS)  # exact; the cast changes nothing
+        return q.astype(jnp.float8_e4m3fn)
+    q = jnp.clip(jnp.round(quot), scheme.qmin, scheme.qmax)
     return q.astype(codes_dtype(scheme))
 
 

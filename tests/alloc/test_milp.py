@@ -8,6 +8,8 @@ import math
 import numpy as np
 import pytest
 
+pytest.importorskip("pulp", reason="the solver needs PuLP, which is not installed here")
+
 from mxmoe_jax.alloc.milp import BudgetError, Units, objective, solve_tradeoff
 
 SEEDS = range(12)

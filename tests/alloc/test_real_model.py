@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import BOOKS_CALIB, require_shared
 
+pytest.importorskip("pulp", reason="the solver needs PuLP, which is not installed here")
+
 from mxmoe_jax.alloc.check_uniform import check_against_uniform, perf_for_trace
 from mxmoe_jax.alloc.problem import build_inputs
 from mxmoe_jax.perf.model import PerfModel

@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+pytest.importorskip("pulp", reason="the solver needs PuLP, which is not installed here")
+
 from mxmoe_jax.alloc.check_uniform import check_against_uniform, perf_for_trace
 from mxmoe_jax.alloc.milp import BudgetError
 from mxmoe_jax.alloc.problem import build_inputs

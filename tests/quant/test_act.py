@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 
 from mxmoe_jax.quant.act import (
     dequantize_activations,
-    div_rn,
     fake_quant_activations,
     quantize_activations,
 )
+from mxmoe_jax.quant.fpexact import div_rn
 from mxmoe_jax.quant.scheme import QScheme
 
 INT_SCHEMES = ["w8a8_g-1_sym", "w4a4_g-1_sym", "w4a4_g32_sym", "w4a8_g-1_sym"]

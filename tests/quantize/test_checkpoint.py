@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -103,8 +104,15 @@ def test_stored_bytes_equal_the_predicted_bits(model_dir, tmp_path):
 
 
 def test_kernel_path_in_interpret_mode_matches_the_reference(model_dir, tmp_path):
-    """bf16 QMODEL: one Pallas launch per scheme group (interpret mode) vs the reference."""
-    from mxmoe_jax.models import forward
+    """bf16 QMODEL: each MoE block on one Pallas launch per scheme group (interpret mode) vs the
+    reference, on the same block inputs.
+
+    Compared block by block, not on the logits: in this random tiny model a one-bf16-ulp
+    difference of an output element (the kernel and the f32 reference sum in another order)
+    moves 4-bit activation codes and expert choices in the next layer; on the H200 that grew to
+    a 9% logit difference while every block agreed to rounding.
+    """
+    from mxmoe_jax.models import forward_hidden
     from mxmoe_jax.ops import kernel_mode
     from mxmoe_jax.quantize.checkpoint import load_qmodel
 
@@ -112,14 +120,21 @@ def test_kernel_path_in_interpret_mode_matches_the_reference(model_dir, tmp_path
     out = tmp_path / "qmodel"
     assert cli_main(["quantize", "--model", str(model_dir), "--qconfig", str(q),
                      "--out", str(out)]) == 0
-    _, qmodel, _, _ = load_qmodel(out, dtype=jnp.bfloat16)
+    cfg, qmodel, _, _ = load_qmodel(out, dtype=jnp.bfloat16)
     ids = jnp.asarray(np.load(HF / "inputs.npz")["input_ids"])[:1]
     with kernel_mode("reference"):
-        ref = np.asarray(forward(qmodel, ids), np.float64)
-    with kernel_mode("interpret"):
-        got = np.asarray(forward(qmodel, ids), np.float64)
-    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
-    assert 0 < rel < 2e-2, rel  # bf16 activations, fp8/int8 codes: rounding differences only
+        _, inputs = forward_hidden(qmodel, ids, with_logits=False)
+    for i in cfg.moe_layers:
+        mlp = qmodel.layers[i].mlp
+        x = inputs[i]
+        with kernel_mode("reference"):
+            ref = np.asarray(jax.jit(lambda v, mlp=mlp: mlp(v))(x), np.float64)
+        with kernel_mode("interpret"):
+            fn = jax.jit(lambda v, mlp=mlp: mlp(v))
+            assert "pallas_call" in str(jax.make_jaxpr(fn)(x)), "the kernel path was not taken"
+            got = np.asarray(fn(x), np.float64)
+        rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+        assert rel < 2e-2, (i, rel)  # bf16 activations and outputs: rounding differences only
 
 
 @pytest.mark.parametrize("case,match", [
