@@ -42,7 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "--abits 5); default: weight-only schemes")
     p.add_argument("--schemes", nargs="+", metavar="S",
                    help="candidate schemes (default: w2/w3/w4 g128 asym + w8 per-channel for "
-                        "weight-only; w4a4 g-1/g128 + w8a8 with --abits)")
+                        "weight-only; w4a4 g-1/g128 + w8a8 with --abits); a group size that "
+                        "does not divide a block's K is replaced there by a smaller one that "
+                        "does (noted on stderr)")
     p.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
                    help="weight quantizer for calibration and evaluation (default rtn)")
     p.add_argument("--nsamples", type=int, default=16, help="calibration windows (default 16)")
@@ -109,7 +111,8 @@ def main(args: argparse.Namespace) -> int:
          "--method", args.method, "--out", str(out / "loss.json"), *seq, "--force"]))
     _stage(report, "profile", lambda: _cli(
         ["profile", "--analytic", args.device, "--shapes", str(model_dir), "--schemes",
-         "w16a16", *schemes, "--out", str(out / "perf.json"), "--force"]))
+         "w16a16", *_with_substitutes(schemes, model_dir), "--out", str(out / "perf.json"),
+         "--force"]))
     budget = ["--wbits", str(args.wbits)] + (["--abits", str(args.abits)] if args.abits else [])
 
     r = args.r if args.r is not None else (0.75 if args.abits else 1.0)
@@ -131,8 +134,22 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+# g128 where it divides a block's K; elsewhere (the tiny models' down_proj, K = 192) calibrate,
+# solve and quantize all use the group size `QScheme.for_k` substitutes (g96 there).
 WEIGHT_ONLY_SCHEMES = ("w2a16_g128_asym", "w3a16_g128_asym", "w4a16_g128_asym", "w8a16_g-1_asym")
 ACT_SCHEMES = ("w4a4_g-1_sym", "w4a4_g128_sym", "w8a8_g-1_sym")
+
+
+def _with_substitutes(schemes, model_dir: Path) -> list[str]:
+    """``schemes`` plus what each is in this model's GEMMs (``QScheme.for_k`` of every K): solve
+    times a block with the scheme it is quantized with, so perf.json needs those too."""
+    from mxmoe_jax.perf.shapes import load_shapes
+    from mxmoe_jax.quant.scheme import QScheme
+
+    ks = sorted({k for _, k in load_shapes(str(model_dir)).gemms()})
+    names = [QScheme.parse(s).name for s in schemes]
+    return list(dict.fromkeys(names + [QScheme.parse(s).for_k(k).name for s in names
+                                       for k in ks]))
 
 
 def _cli(argv: list[str]) -> None:

@@ -14,9 +14,13 @@ Per MoE layer and expert (routed ``0..E-1``, then the shared expert ``E`` if the
 * activation bits: 16 for weight-only schemes, ``a_bits + 16 / group_size`` (one 16-bit scale per
   group; per token: ``16 / k``) otherwise, averaged over weights like the weight bits.
 
-A scheme whose ``group_size`` does not divide a block's K, or whose loss entry is null, is not
-offered for that block group (and, with expert granularity, for that expert); a scheme missing from
-loss.json or perf.json altogether is an error that lists what is missing.
+Each candidate stands, in a block with K input features, for ``QScheme.for_k(K)``: where its group
+size does not divide K it is offered with the substituted group size (w4a16_g128_asym is
+w4a16_g96_asym on K = 192), with that scheme's bits and its perf.json entry, as calibrate measured
+its Δ under the candidate's name and `Allocation` quantizes it. The qconfig names the candidate.
+A scheme whose loss entry is null (loss.json from before the substitution) is not offered for that
+block group (and, with expert granularity, for that expert); a scheme missing from loss.json or
+perf.json altogether is an error that lists what is missing.
 """
 
 from __future__ import annotations
@@ -107,6 +111,11 @@ def build_inputs(trace: dict, loss: dict, perf: PerfModel, *, batch: int,
     table = loss.get("losses")
     if not isinstance(table, dict) or not table:
         raise ValueError(f"{lname}: no 'losses' table")
+    for sub in loss.get("meta", {}).get("group_size_substitutions", []):
+        used = QScheme.parse(sub["scheme"]).for_k(int(sub["k"])).name
+        if used != sub["used"]:  # the Δ is of another scheme than the one quantize would use
+            raise ValueError(f"{lname}: measured {sub['scheme']} as {sub['used']} at K={sub['k']}, "
+                             f"but it is quantized as {used} there now; recalibrate")
     want = [QScheme.parse(s).name for s in (schemes or table)]
     want = list(dict.fromkeys(want))
     canon = {QScheme.parse(k).name: k for k in table}
@@ -146,21 +155,19 @@ def build_inputs(trace: dict, loss: dict, perf: PerfModel, *, batch: int,
         abpw = np.full((n_e, 2, n_s), np.nan)
         size = np.stack([2.0 * inter * hidden, 1.0 * inter * hidden], axis=1)
         for j, s in enumerate(want):
-            q = QScheme.parse(s)
             for i in range(n_e):
                 for g, (n, k) in enumerate([(2 * inter[i], hidden), (hidden, inter[i])]):
-                    try:
-                        q.scale_groups(int(k))
-                    except ValueError:
-                        continue  # group_size does not divide K: not offered here
-                    bpw[i, g, j] = q.bits_per_weight(int(k))
-                    abpw[i, g, j] = activation_bits(q, int(k))
-                    if not perf.has(s, int(n), int(k)):
-                        perf_missing.add(f"{s} n={int(n)} k={int(k)}")
+                    n, k = int(n), int(k)
+                    q = QScheme.parse(s).for_k(k)  # what this block is quantized with
+                    bpw[i, g, j] = q.bits_per_weight(k)
+                    abpw[i, g, j] = activation_bits(q, k)
+                    if not perf.has(q, n, k):
+                        what = "" if q.name == s else f" (what {s} is at this K)"
+                        perf_missing.add(f"{q.name} n={n} k={k}{what}")
                         continue
                     m = tokens[i]
                     t[i, g, j] = 0.0 if m <= 0 else max(
-                        0.0, perf.cost_us(s, m, int(n), int(k)) - perf.launch_us)
+                        0.0, perf.cost_us(q, m, n, k) - perf.launch_us)
         # gate and up share one scheme: the group is offered only where both have a loss
         layers.append(LayerData(layer=layer, experts=experts, tokens=tokens, inter=inter, loss=d,
                                 time=t, bpw=bpw, abpw=abpw, size=size, t0=2 * perf.launch_us))

@@ -6,6 +6,9 @@ Our schema (``mxmoe-jax/qconfig/1``)::
      "meta": {"wbits": 4.25, "abits": null, "batch": 512, "r": 0.75, "mode": "layer",
               "granularity": "linear", "schemes": [...], "trace": "...", "loss": "...",
               "perf": {"path": "...", "source": "analytic", "device": "H200"}, "solver": "highs",
+              "quantizer": {"method": "gptq", "hadamard": false, "seed": 42,
+                            "calibration": {"text": ["data/c.txt"], "text_names": ["c.txt"],
+                                            "windows": 128, "seqlen": 4096, "sampling": "sample"}},
               "created": "<iso date>"},
      "layers": {"<layer index>": {"<expert index>": {"gate": "w4a16_g128_asym",
                                                       "up": "w4a16_g128_asym",
@@ -16,7 +19,11 @@ Our schema (``mxmoe-jax/qconfig/1``)::
 
 Layer and expert keys are the indices of trace.json / loss.json (expert ``E`` = the shared expert);
 scheme names are `QScheme` names; gate and up always carry the same scheme. ``summary`` and ``meta``
-are informational: readers need only ``layers``.
+are informational: readers need only ``layers``. The one exception is ``meta.quantizer``
+(`quantizer_record`): the quantizer the losses were measured with, copied from loss.json by
+`solve`; `quantize` and `eval` refuse another (`quantizer_mismatch`). ``calibration`` is present
+for GPTQ only; a field it could not learn is null (unknown, not checked); a qconfig without
+``quantizer`` (older, imported, hand-written) is not checked at all.
 
 The original MxMoE's schema (its bits_solver output) is written by `to_original` and read by
 `from_original`: ``{"<layer>": {"experts": {"<e>": {"gate": {"w_bits", "w_gsize", "w_sym",
@@ -31,7 +38,95 @@ from pathlib import Path
 
 from mxmoe_jax.config import BLOCKS
 from mxmoe_jax.jsonio import QCONFIG_FORMAT as FORMAT
-from mxmoe_jax.quant.scheme import QScheme
+from mxmoe_jax.quant.scheme import QScheme, for_block
+
+
+def quantizer_record(loss_meta: dict) -> dict | None:
+    """``meta.quantizer`` of a qconfig solved from a loss.json with this ``meta``; None when the
+    loss.json does not say which quantizer it measured (hand-made: nothing to check against)."""
+    method = loss_meta.get("method")
+    if method not in ("rtn", "gptq"):
+        return None
+    hadamard = loss_meta.get("hadamard")
+    # calibrate seeds both the window sampling and the rotation signs with its --seed
+    seed = loss_meta.get("rotation_seed", loss_meta.get("seed"))
+    rec = {"method": method, "hadamard": hadamard if isinstance(hadamard, bool) else None,
+           "seed": seed if isinstance(seed, int) else None}
+    if method == "gptq":
+        text = loss_meta.get("text")
+        text = [str(t) for t in text] if isinstance(text, list) else None
+        seqlen, tokens = loss_meta.get("seqlen"), loss_meta.get("num_tokens")
+        known = isinstance(seqlen, int) and isinstance(tokens, int) and seqlen > 0
+        rec["calibration"] = {"text": text,
+                              "text_names": [Path(t).name for t in text] if text else None,
+                              "windows": tokens // seqlen if known else None,
+                              "seqlen": seqlen if known else None,
+                              "sampling": loss_meta.get("sampling")}
+    return rec
+
+
+def quantizer_mismatch(q: dict, *, method: str, hadamard: bool, calib: list[str],
+                       calib_windows: int, seqlen: int, seed: int, allowed: bool = False,
+                       where: str = "qconfig") -> tuple[str | None, list[str]]:
+    """``(error, warnings)`` of quantizing ``q`` with this quantizer, against ``meta.quantizer``.
+
+    ``error``: one line, when the method or the rotation differs from the recorded one (the
+    allocation's losses describe another quantizer); None when they agree, nothing is recorded,
+    or ``allowed`` (``--allow-quantizer-mismatch``: the error becomes the first warning).
+    ``warnings``: GPTQ calibration text, windows, seqlen, sampling or seed (rotation seed with
+    Hadamard) that differ from the recorded ones: other numbers, the same quantizer.
+    """
+    rec = (q.get("meta") or {}).get("quantizer")
+    if not isinstance(rec, dict) or rec.get("method") not in ("rtn", "gptq"):
+        return None, []
+    warnings = []
+    r_method, r_had = rec["method"], rec.get("hadamard")
+    method_diff = r_method != method
+    had_diff = isinstance(r_had, bool) and r_had != hadamard
+    if method_diff or had_diff:
+        solved = f"{r_method.upper()} losses"
+        flags = f"--method {r_method}"
+        if had_diff:
+            solved += " of the Hadamard-rotated model" if r_had else " of the unrotated model"
+            flags += " --hadamard" if r_had else ", no --hadamard"
+        give = []
+        if method_diff:
+            give.append("--method gptq --calib FILE" if r_method == "gptq" else "--method rtn")
+        if had_diff and r_had:
+            give.append("--hadamard")
+        fix = [f"pass {' '.join(give)}"] if give else []
+        if had_diff and not r_had:
+            fix.append("drop --hadamard")
+        run = method.upper()
+        if had_diff:
+            run += " with --hadamard" if hadamard else " without --hadamard"
+        head = f"{where} was solved from {solved} (calibrate {flags})"
+        if not allowed:
+            return (f"{head}; {' and '.join(fix)}, or pass --allow-quantizer-mismatch to run "
+                    f"{run} anyway"), []
+        warnings.append(f"{head}, but runs {run} (--allow-quantizer-mismatch): the allocation "
+                        "was optimised for another quantizer")
+    if method_diff:
+        return None, warnings  # other calibration numbers mean nothing for another method
+    diffs = []
+    cal = rec.get("calibration") if method == "gptq" else None
+    if isinstance(cal, dict):
+        names = [Path(c).name for c in calib]
+        if cal.get("text_names") is not None and cal["text_names"] != names:
+            diffs.append(f"text {' '.join(names)} (recorded {' '.join(cal['text_names'])})")
+        for name, have in (("windows", calib_windows), ("seqlen", seqlen)):
+            if cal.get(name) is not None and cal[name] != have:
+                diffs.append(f"{name} {have} (recorded {cal[name]})")
+        if cal.get("sampling") not in (None, "sample"):
+            # quantize and eval draw GPTQ windows at seeded random offsets only
+            diffs.append(f"random windows (recorded sampling {cal['sampling']!r})")
+    if (method == "gptq" or (hadamard and r_had)) and rec.get("seed") not in (None, seed):
+        diffs.append(f"seed {seed} (recorded {rec['seed']})")
+    if diffs:
+        what = "GPTQ calibration" if method == "gptq" else "Hadamard rotation"
+        warnings.append(f"{where}: this run's {what} differs from the one its losses were "
+                        f"measured with: {', '.join(diffs)}")
+    return None, warnings
 
 
 def make_qconfig(layers: dict, *, meta: dict, summary: dict) -> dict:
@@ -128,14 +223,26 @@ def _stack_widths(cfg, layer: int, expert: int) -> tuple[int, int] | None:
     return None
 
 
+def _block_label(cfg, layer: int, expert: int, block: str) -> str:
+    """How a block is named in the group-size note (``down_proj``, ``shared gate_proj/up_proj``;
+    gate and up share K, and the note is given once per K)."""
+    name = "down_proj" if block == "down" else "gate_proj/up_proj"
+    if not cfg.is_moe_layer(layer):
+        return f"dense {name}"
+    return f"shared {name}" if expert == cfg.num_experts else name
+
+
 class Allocation:
     """The scheme of each quantized expert block: ``(layer, expert, block) -> QScheme``.
 
     The one in-memory form of an allocation (qconfig.json is its file form: `from_qconfig`,
     `to_layers`). Experts are numbered as in MxMoE: routed ``0..E-1``, the shared expert ``E``; a
     dense layer's MLP is expert 0. Blocks absent stay unquantized. Checked against the model on
-    construction: layers and experts exist, gate and up share a scheme (they run as one GEMM), and
-    each scheme's group size divides its block's K. Hashable (a static argument of jit).
+    construction: layers and experts exist and gate and up share a scheme (they run as one GEMM).
+    Each block holds the scheme it is quantized with: ``QScheme.for_k(K)`` of the one asked for, so
+    a qconfig (or ``--scheme``) naming w4a16_g128_asym for a down_proj with K = 192 gives
+    w4a16_g96_asym there (noted once on stderr), and `to_layers` (the QMODEL's qconfig.json)
+    names what was stored. Hashable (a static argument of jit).
     """
 
     __slots__ = ("items",)
@@ -162,10 +269,7 @@ class Allocation:
             except ValueError as err:
                 raise ValueError(f"{where}: layer {layer} expert {expert} {block}: {err}") from None
             k = widths[1] if block == "down" else widths[0]
-            g = scheme.group_size
-            if scheme.w_bits != 16 and g != -1 and k % g:
-                raise ValueError(f"{where}: layer {layer} expert {expert} {block}: group size {g} "
-                                 f"of {scheme.name} does not divide K = {k}")
+            scheme = for_block(scheme, k, _block_label(cfg, layer, expert, block))
             per_expert.setdefault((layer, expert), {})[block] = scheme
             items.append(((layer, expert, block), scheme))
         for (layer, expert), blocks in per_expert.items():

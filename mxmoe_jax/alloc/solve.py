@@ -17,7 +17,7 @@ import numpy as np
 
 from mxmoe_jax.alloc.milp import BudgetError, Solution, Units, ceil_bits, solve_tradeoff
 from mxmoe_jax.alloc.problem import AllocInputs, decode, make_units, uniform_choice
-from mxmoe_jax.alloc.qconfig import make_qconfig
+from mxmoe_jax.alloc.qconfig import make_qconfig, quantizer_record
 
 MODES = ("layer", "model")
 
@@ -166,6 +166,8 @@ def solve_allocation(inputs: AllocInputs, cfg: SolveConfig, *, progress: bool = 
                                device=inputs.perf.device),
                      loss_method=inputs.loss_meta.get("method"),
                      loss_metric=inputs.loss_meta.get("metric"),
+                     # the losses are this quantizer's: quantize / eval refuse another one
+                     quantizer=quantizer_record(inputs.loss_meta),
                      solver=cfg.solver,
                      created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
     full_meta.update(meta or {})

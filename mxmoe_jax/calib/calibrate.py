@@ -23,6 +23,11 @@ inputs; ``quant.gptq``), optionally after the model is Hadamard-rotated exactly 
 stream, and every down_proj input online, so the down blocks measured are the ones evaluated);
 `rotate_for_calibration` sets the online part on the model (``models.set_rotation``).
 
+Group sizes: each block is quantized with ``QScheme.for_k(K)`` of the scheme asked for, so a group
+size that does not divide a block's K is measured with the substituted one (w4a16_g128_asym on a
+down_proj with K = 192: w4a16_g96_asym), its Δ stored under the requested name; loss.json's meta
+``group_size_substitutions`` lists every such (scheme, K), and each is noted once on stderr.
+
 Memory: the hidden states of all calibration windows at the current layer (host), plus one token
 chunk's activations on the device. Resumable: after each MoE layer the finished losses are written
 atomically to ``<out>.partial.json``; a rerun with the same settings continues after the last
@@ -61,7 +66,7 @@ from mxmoe_jax.quant.gptq import (
 from mxmoe_jax.quant.qtensor import dequantize
 from mxmoe_jax.quant.rotation import Rotation
 from mxmoe_jax.quant.rtn import fake_quant_weight
-from mxmoe_jax.quant.scheme import QScheme
+from mxmoe_jax.quant.scheme import QScheme, for_block
 from mxmoe_jax.quantize.rotation import rotate_model
 
 METHODS = ("rtn", "gptq")
@@ -114,14 +119,16 @@ QUANTIZERS: dict[str, Quantizer] = {"rtn": _rtn, "gptq": _gptq}
 
 
 def quantize_mlp(w: MLPWeights, scheme: QScheme, quantize: Quantizer,
-                 hessians: MLPWeights | None = None) -> QuantizedBlocks:
-    """Every block of ``w`` (all experts at once) fake-quantized with ``scheme``; None where the
-    scheme's ``group_size`` does not divide the block's K. ``hessians`` (GPTQ): per block,
-    ``[E, K, K]`` (gate and up share one, the input's)."""
+                 hessians: MLPWeights | None = None, *,
+                 blocks: Sequence[str] = BLOCKS) -> QuantizedBlocks:
+    """The ``blocks`` of ``w`` (all experts at once) fake-quantized with ``scheme``; None for the
+    other blocks and where the scheme's ``group_size`` does not divide the block's K (callers
+    pass ``scheme.for_k(K)``: see `_scheme_parts`). ``hessians`` (GPTQ): per block, ``[E, K, K]``
+    (gate and up share one, the input's)."""
     out = {}
     for b in BLOCKS:
         wb = w.block(b)
-        if not block_supported(scheme, wb.shape[-2]):
+        if b not in blocks or not block_supported(scheme, wb.shape[-2]):
             out[b] = None
             continue
         hb = None if hessians is None else hessians.block(b)
@@ -213,6 +220,8 @@ def _moe_one_block(block, x_td, expert, blk, variants, *, capacity: int):
         ok = {b: [q.block(b) is not None for q in variants] for b in BLOCKS}  # [routed, shared]
 
         def act(rows, b, experts):
+            if not block_supported(scheme, rows.shape[-1]):  # a stack whose block is in
+                return rows  # another part (its K): never selected, and not quantizable here
             i = BLOCKS.index(b)
             supported = jnp.where(experts == e_routed, ok[b][-1], ok[b][0])
             sel = (experts == expert) & (blk == i) & supported
@@ -269,21 +278,74 @@ def _hessians(block, x_flat: np.ndarray, chunk: int, bar) -> list[MLPWeights]:
     return out
 
 
-def _quantize_layer(block, schemes: Sequence[QScheme], quantize: Quantizer,
+# (index of the requested scheme, the scheme its blocks are quantized with, per stack the blocks)
+Part = tuple[int, QScheme, tuple[frozenset[str], ...]]
+
+
+def _scheme_parts(block, schemes: Sequence[QScheme]) -> list[Part]:
+    """The layer's variants: per requested scheme, one part per scheme (``QScheme.for_k`` of each
+    block's K) its blocks are quantized with, and which blocks of each stack that is.
+
+    One part per scheme unless its group size does not divide some K: w4a16_g128_asym on gate/up
+    K = 256 and down K = 192 has the parts w4a16_g128_asym (gate, up) and w4a16_g96_asym (down).
+    They are separate `QuantizedBlocks` because one fake-quantizes the activations with one
+    scheme; each block is in exactly one part, so a scheme's Δ² is the sum of its parts'.
+    """
+    fps = [MLPWeights.of(st) for st in _stacks(block)]
+    parts: list[Part] = []
+    for si, s in enumerate(schemes):
+        used = [{b: s.for_k(w.block(b).shape[-2]) for b in BLOCKS} for w in fps]
+        for u in dict.fromkeys(x for per in used for x in per.values()):
+            parts.append((si, u, tuple(frozenset(b for b in BLOCKS if per[b] == u)
+                                       for per in used)))
+    return parts
+
+
+def _quantize_layer(block, parts: Sequence[Part], quantize: Quantizer,
                     hess: list[MLPWeights] | None) -> list[tuple[QuantizedBlocks, ...]]:
-    """Per stack (`_stacks` order), one `QuantizedBlocks` per scheme."""
+    """Per stack (`_stacks` order), one `QuantizedBlocks` per part (`_scheme_parts`)."""
     fps = [MLPWeights.of(s) for s in _stacks(block)]
-    return [tuple(quantize_mlp(w, s, quantize, None if hess is None else hess[k])
-                  for s in schemes) for k, w in enumerate(fps)]
+    return [tuple(quantize_mlp(w, u, quantize, None if hess is None else hess[k], blocks=bs[k])
+                  for _, u, bs in parts) for k, w in enumerate(fps)]
+
+
+def _merge_parts(sq_parts: np.ndarray, parts: Sequence[Part], n_schemes: int) -> np.ndarray:
+    """Δ² ``[P, E(+1), 3]`` per part -> ``[S, E(+1), 3]`` per requested scheme (a block is
+    zero in every part but its own)."""
+    out = np.zeros((n_schemes, *sq_parts.shape[1:]), sq_parts.dtype)
+    for p, (si, _, _) in enumerate(parts):
+        out[si] += sq_parts[p]
+    return out
 
 
 def _supported(block, scheme: QScheme) -> list[list[bool]]:
-    """[E(+1)][3]: which (expert, block) the scheme can quantize."""
+    """[E(+1)][3]: which (expert, block) the scheme can quantize (as ``scheme.for_k(K)``)."""
     rows = []
     for stack in _stacks(block):
         w = MLPWeights.of(stack)
-        rows += [[block_supported(scheme, w.block(b).shape[-2]) for b in BLOCKS]] * w.gate.shape[0]
+        ks = [w.block(b).shape[-2] for b in BLOCKS]
+        rows += [[block_supported(scheme.for_k(k), k) for k in ks]] * w.gate.shape[0]
     return rows
+
+
+def group_size_substitutions(cfg: ModelConfig, schemes: Sequence[QScheme]) -> list[dict]:
+    """Every (scheme, K) of the calibrated expert blocks where ``QScheme.for_k`` changes the
+    group size, as loss.json's meta ``group_size_substitutions`` records it: ``{"scheme":
+    requested, "k": K, "blocks": [...], "used": substituted}``; each is noted on stderr
+    (`for_block`, once per process)."""
+    widths = {"gate_proj/up_proj": cfg.hidden_size, "down_proj": cfg.moe_intermediate_size}
+    if cfg.shared_intermediate_size > 0:
+        widths["shared down_proj"] = cfg.shared_intermediate_size
+    by_k: dict[int, list[str]] = {}
+    for name, k in widths.items():
+        by_k.setdefault(int(k), []).append(name)
+    out = []
+    for s in schemes:
+        for k, names in by_k.items():
+            used = for_block(s, k, ", ".join(names))
+            if used != s:
+                out.append({"scheme": s.name, "k": k, "blocks": names, "used": used.name})
+    return out
 
 
 def _to_json_losses(sq: np.ndarray, supported: list[list[bool]]) -> dict[str, list]:
@@ -299,7 +361,8 @@ def _layer_out_norm(block, xn_flat, h_flat, schemes, quantize, chunk, method, ba
     ``h_flat`` (the residual stream after attention) is overwritten with the layer output.
     """
     hess = _hessians(block, xn_flat, chunk, bar) if method == "gptq" else None
-    variants = _quantize_layer(block, schemes, quantize, hess)
+    parts = _scheme_parts(block, schemes)
+    variants = _quantize_layer(block, parts, quantize, hess)
     total = None
     out = h_flat  # becomes the layer output in place: one host copy fewer
     for sl in walk.iter_batches(xn_flat.shape[0], chunk):
@@ -313,7 +376,7 @@ def _layer_out_norm(block, xn_flat, h_flat, schemes, quantize, chunk, method, ba
         out[sl] += np.asarray(moe[:n], np.float32)
         if bar is not None:
             bar.update(1)
-    return total, out
+    return _merge_parts(total, parts, len(schemes)), out
 
 
 def _model_out_norm(cfg, model, layer_idx, xn, h, final_ref, schemes, quantize, per, method,
@@ -322,17 +385,22 @@ def _model_out_norm(cfg, model, layer_idx, xn, h, final_ref, schemes, quantize, 
     block = model.layers[layer_idx].mlp
     s_windows, t, d = xn.shape
     hess = _hessians(block, xn.reshape(-1, d), chunk, None) if method == "gptq" else None
-    variants = _quantize_layer(block, schemes, quantize, hess)
+    parts = _scheme_parts(block, schemes)
+    variants = _quantize_layer(block, parts, quantize, hess)
     n_exp = cfg.num_experts + len(_stacks(block)) - 1
     later = model.layers[layer_idx + 1:]
     total = np.zeros((len(schemes), n_exp, 3), np.float64)
     for si, s in enumerate(schemes):
         sup = _supported(block, s)
-        vs = tuple(v[si] for v in variants)
         for e in range(n_exp):
+            stack = 0 if e < cfg.num_experts else 1
             for b in range(3):
                 if not sup[e][b]:
                     continue
+                # the part that quantizes this block (others are FP in it): its weights and acts
+                p = next(p for p, (pi, _, bs) in enumerate(parts)
+                         if pi == si and BLOCKS[b] in bs[stack])
+                vs = tuple(v[p] for v in variants)
                 acc = 0.0
                 for sl in walk.iter_batches(s_windows, per):
                     x_td = jnp.asarray(xn[sl].reshape(-1, d))
@@ -378,6 +446,9 @@ def calibrate(model, windows: np.ndarray, config: CalibConfig, *, meta: dict,
     schemes = [QScheme.parse(s) for s in config.schemes]
     meta = dict(meta, method=config.method, hadamard=config.hadamard, metric=config.metric,
                 num_tokens=int(windows.size), seqlen=int(t), schemes=list(config.schemes))
+    substituted = group_size_substitutions(cfg, schemes)
+    if substituted:  # Δ of those blocks is the substituted scheme's, under the requested name
+        meta["group_size_substitutions"] = substituted
     if config.hadamard and rotation is None:
         raise ValueError("rotation: config.hadamard is set but no rotation was given (rotate the "
                          "model with rotate_for_calibration and pass its Rotation)")

@@ -68,8 +68,8 @@ def main(args: argparse.Namespace) -> int:
 
 def summary_table(result: dict, num_experts: int) -> str:
     """Mean Δ per scheme and block over all layers, routed experts (indices < ``num_experts``) and
-    the shared expert (index ``num_experts``) apart; blocks a scheme cannot quantize (group size
-    does not divide K: null in loss.json) are counted apart."""
+    the shared expert (index ``num_experts``) apart; null entries (a loss.json from before group
+    sizes that do not divide K were substituted) are counted apart."""
     import numpy as np
 
     def means(rows):

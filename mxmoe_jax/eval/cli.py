@@ -35,6 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="rotate first (QuaRot-style, online down_proj rotation)")
     p.add_argument("--seed", type=int, default=42,
                    help="rotation / calibration sampling seed (default 42, as calibrate)")
+    p.add_argument("--allow-quantizer-mismatch", action="store_true",
+                   help="with --qconfig: quantize with --method/--hadamard even where they "
+                        "differ from the quantizer its losses were measured with (a warning, "
+                        "not an error)")
     p.add_argument("--json", action="store_true",
                    help='print {"ppl", "tokens", "windows"} as the last stdout line')
     p.set_defaults(func=main)
@@ -49,13 +53,18 @@ def main(args: argparse.Namespace) -> int:
     from mxmoe_jax.ops import kernel_mode
     from mxmoe_jax.quantize.checkpoint import is_qmodel_dir, load_any
 
-    dtype = jnp.float32 if args.dtype == "fp32" else jnp.bfloat16
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    ids = whole_windows(tokenize_texts(tokenizer, [args.text]), args.seqlen, args.max_windows)
     in_memory = args.qconfig or args.scheme or args.hadamard
     if in_memory and is_qmodel_dir(args.model):
         raise ValueError("--qconfig/--scheme/--hadamard: the model is already quantized (a "
                          "QMODEL_DIR); evaluate it without them")
+    if args.qconfig:  # a qconfig made for another quantizer fails before any work is done
+        from mxmoe_jax.quantize.pipeline import check_quantizer
+
+        check_quantizer(args.qconfig, _config(args),
+                        allow_mismatch=args.allow_quantizer_mismatch)
+    dtype = jnp.float32 if args.dtype == "fp32" else jnp.bfloat16
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    ids = whole_windows(tokenize_texts(tokenizer, [args.text]), args.seqlen, args.max_windows)
     if in_memory:
         model = _quantize(args, dtype)
     else:
@@ -74,16 +83,22 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace):
+    from mxmoe_jax.quantize.pipeline import QuantizeConfig
+
+    return QuantizeConfig(method=args.method, hadamard=args.hadamard, seed=args.seed,
+                          calib=tuple(args.calib or ()), calib_windows=args.calib_windows,
+                          seqlen=args.seqlen)
+
+
 def _quantize(args: argparse.Namespace, dtype):
     """The MODEL_DIR quantized in memory (as `quantize` would write it), in ``dtype``."""
     import jax.numpy as jnp
 
     from mxmoe_jax.models.io import load_model_dir
-    from mxmoe_jax.quantize.pipeline import QuantizeConfig, quantize_in_memory, resolve_allocation
+    from mxmoe_jax.quantize.pipeline import quantize_in_memory, resolve_allocation
 
-    config = QuantizeConfig(method=args.method, hadamard=args.hadamard, seed=args.seed,
-                            calib=tuple(args.calib or ()), calib_windows=args.calib_windows,
-                            seqlen=args.seqlen)
+    config = _config(args)
     cfg, model = load_model_dir(args.model, dtype=jnp.float32)
     if args.qconfig or args.scheme:
         allocation = resolve_allocation(cfg, qconfig=args.qconfig, scheme=args.scheme)

@@ -14,12 +14,17 @@ Names follow the original MxMoE (arXiv 2505.05799): ``w{W}a{A}_g{G}_{sym|asym}``
 
 Activations, when quantized (A < 16), are always symmetric, dynamic, per token (``G = -1``) or per
 token and ``G``-wide group along K, with the same ``G`` as the weights (as in the original).
+
+A scheme names the group size asked for; `QScheme.for_k` gives the scheme a block of K input
+features is actually quantized with (another group size where ``G`` does not divide K, e.g.
+w4a16_g128_asym on K = 192 is w4a16_g96_asym), and `for_block` does the same and says so on stderr.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 
 _NAME = re.compile(r"^w(\d+)a(\d+)(?:_g(-1|\d+))?(?:_(sym|asym|fp8))?$")
 
@@ -28,6 +33,13 @@ SCALE_BITS = 16
 
 _ALLOWED_W_BITS_A16 = (2, 3, 4, 8, 16)
 _ALLOWED_WA = {(4, 4), (4, 8), (8, 8)}
+
+# Group sizes are multiples of this (`QScheme` refuses others), substitutes (`for_k`) included.
+GROUP_MULTIPLE = 16
+# The fused grouped-GEMM kernels run K-groups only in whole 128-row packing chunks (or per channel):
+# ``kernels.pallas.grouped_gemm.supports``, ``quant.packing.CHUNK``; other groups take the slower
+# reference path. Repeated here because quant/ does not import the kernels (a test keeps it equal).
+KERNEL_GROUP_MULTIPLE = 128
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -138,6 +150,29 @@ class QScheme:
                 f"group_size: {self.group_size} does not divide K={k}; use a divisor of K or -1")
         return k // self.group_size
 
+    def for_k(self, k: int) -> QScheme:
+        """The scheme a block with ``k`` input features is quantized with when this one is asked.
+
+        Itself when its group size divides ``k`` (or it has no K-groups: per channel, w16a16).
+        Otherwise the largest group size ``G'`` below the requested ``G`` that divides ``k`` and is
+        a multiple of 16, taken among the multiples of 128 first (the sizes the fused kernels run);
+        per channel (``-1``) when that ``G'`` would be ``k`` itself (one group per channel *is* per
+        channel, numerically and in storage, and the kernels run it) or when no such ``G'``
+        exists. So w4a16_g128_asym is w4a16_g96_asym on K = 192, w4a16_g-1_asym on K = 64 or 200;
+        w4a16_g256_asym is w4a16_g128_asym on K = 384. Everything downstream (calibrate's Δ,
+        solve's bits and times, `Allocation`) applies this one rule, so a scheme named in
+        loss.json or qconfig.json means ``scheme.for_k(K)`` in each block.
+        """
+        if k <= 0:
+            raise ValueError(f"k: {k} input features; expected a positive number")
+        g = self.group_size
+        if self.w_bits == 16 or g == -1 or k % g == 0:
+            return self
+        fits = [c for c in range(GROUP_MULTIPLE, min(g, k) + 1, GROUP_MULTIPLE) if k % c == 0]
+        fused = [c for c in fits if c % KERNEL_GROUP_MULTIPLE == 0]
+        best = max(fused or fits, default=k)
+        return dataclasses.replace(self, group_size=-1 if best == k else best)
+
     def bits_per_weight(self, k: int | None = None) -> float:
         """Average storage bits per weight element, scales and offsets included.
 
@@ -156,6 +191,29 @@ class QScheme:
 
 
 W16A16 = QScheme(w_bits=16, a_bits=16)
+
+_NOTED: set[tuple[str, int]] = set()
+
+
+def for_block(scheme: QScheme | str, k: int, where: str) -> QScheme:
+    """``QScheme.parse(scheme).for_k(k)``, saying on stderr when that changes the group size:
+    ``w4a16_g128_asym: group size 128 does not divide down_proj K=192; using w4a16_g96_asym
+    there``. ``where`` names the block(s) with this K. Each (scheme, K) is reported once per
+    process: `mxmoe-jax run` runs calibrate, solve and quantize in one, and they all meet the same
+    substitution."""
+    scheme = QScheme.parse(scheme)
+    used = scheme.for_k(k)
+    if used != scheme and (scheme.name, k) not in _NOTED:
+        _NOTED.add((scheme.name, k))
+        print(substitution_note(scheme, k, where), file=sys.stderr, flush=True)
+    return used
+
+
+def substitution_note(scheme: QScheme, k: int, where: str) -> str:
+    """The one-line note `for_block` prints (also for callers that report it themselves)."""
+    return (f"{scheme.name}: group size {scheme.group_size} does not divide {where} K={k}; "
+            f"using {scheme.for_k(k).name} there")
+
 
 # The original MxMoE's calibrated set (its quant.py), minus w1 which has no kernel anywhere.
 ORIGINAL_SCHEMES = (

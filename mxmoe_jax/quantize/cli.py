@@ -22,6 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seqlen", type=int, default=512, help="calibration window length (512)")
     p.add_argument("--seed", type=int, default=42,
                    help="rotation / calibration sampling seed (default 42, as calibrate)")
+    p.add_argument("--allow-quantizer-mismatch", action="store_true",
+                   help="quantize with --method/--hadamard even where they differ from the "
+                        "quantizer the qconfig's losses were measured with (a warning, not an "
+                        "error)")
     p.add_argument("--out", required=True, help="QMODEL_DIR to write")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=main)
@@ -34,7 +38,8 @@ def main(args: argparse.Namespace) -> int:
                             calib=tuple(args.calib or ()), calib_windows=args.calib_windows,
                             seqlen=args.seqlen)
     manifest = quantize_dir(args.model, args.out, qconfig=args.qconfig, scheme=args.scheme,
-                            config=config, force=args.force, progress=True)
+                            config=config, force=args.force, progress=True,
+                            allow_quantizer_mismatch=args.allow_quantizer_mismatch)
     b = manifest["bytes"]
     mib = 2 ** 20
     print(f"wrote {args.out}: {b['total'] / mib:.2f} MiB on disk")

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
 
-from mxmoe_jax.alloc.qconfig import Allocation, load_qconfig
+from mxmoe_jax.alloc.qconfig import Allocation, load_qconfig, quantizer_mismatch
 
 METHODS = ("rtn", "gptq")
 
@@ -40,13 +41,38 @@ class QuantizeConfig:
         return dataclasses.asdict(self) | {"calib": list(self.calib)}
 
 
+def read_qconfig(qconfig) -> tuple[dict, str]:
+    """``(qconfig dict, name for messages)`` of a qconfig.json path or an already read dict."""
+    if isinstance(qconfig, str | os.PathLike):
+        return load_qconfig(qconfig), str(qconfig)
+    return qconfig, "qconfig"
+
+
+def check_quantizer(qconfig, config: QuantizeConfig, *, allow_mismatch: bool = False) -> dict:
+    """Refuse to quantize ``qconfig`` with another quantizer than its losses were measured with.
+
+    Raises ValueError (one line: the CLIs exit 2) when the method or the rotation differs from
+    the qconfig's ``meta.quantizer``, unless ``allow_mismatch``; prints that, and differing GPTQ
+    calibration settings, as warnings on stderr. Returns the qconfig dict.
+    """
+    q, where = read_qconfig(qconfig)
+    error, warnings = quantizer_mismatch(
+        q, method=config.method, hadamard=config.hadamard, calib=list(config.calib),
+        calib_windows=config.calib_windows, seqlen=config.seqlen, seed=config.seed,
+        allowed=allow_mismatch, where=where)
+    if error:
+        raise ValueError(error)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr, flush=True)
+    return q
+
+
 def resolve_allocation(cfg, *, qconfig=None, scheme=None) -> Allocation:
     if (qconfig is None) == (scheme is None):
         raise ValueError("give exactly one of qconfig and scheme")
     if qconfig is not None:
-        q = load_qconfig(qconfig) if isinstance(qconfig, str | os.PathLike) else qconfig
-        return Allocation.from_qconfig(cfg, q, where=str(qconfig) if not isinstance(
-            qconfig, dict) else "qconfig")
+        q, where = read_qconfig(qconfig)
+        return Allocation.from_qconfig(cfg, q, where=where)
     return Allocation.uniform(cfg, scheme)
 
 
@@ -74,13 +100,17 @@ def quantize_in_memory(model, allocation: Allocation, config: QuantizeConfig, *,
 
 
 def quantize_dir(model_dir, out, *, qconfig=None, scheme=None, config: QuantizeConfig,
-                 force: bool = False, progress: bool = False) -> dict:
+                 force: bool = False, progress: bool = False,
+                 allow_quantizer_mismatch: bool = False) -> dict:
     """MODEL_DIR -> QMODEL_DIR; returns the QMODEL manifest. Everything is checked before
-    anything is written; nothing appears at ``out`` unless it is complete."""
+    anything is written; nothing appears at ``out`` unless it is complete. A qconfig whose
+    recorded quantizer is not ``config``'s is refused (`check_quantizer`)."""
     from mxmoe_jax.models.io import check_out_dir, load_model_dir, read_manifest
     from mxmoe_jax.quantize.checkpoint import save_qmodel
 
     check_out_dir(out, force)
+    if qconfig is not None:  # before the (slow) model load
+        check_quantizer(qconfig, config, allow_mismatch=allow_quantizer_mismatch)
     stored = read_manifest(model_dir)["dtype"]
     cfg, model = load_model_dir(model_dir, dtype=jnp.float32)
     allocation = resolve_allocation(cfg, qconfig=qconfig, scheme=scheme)

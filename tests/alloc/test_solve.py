@@ -155,3 +155,23 @@ def test_parallel_layers_give_the_same_assignment(files):
     two = solve_allocation(inputs_of(files), SolveConfig(wbits=4.5, r=0.75, hull=0, jobs=2),
                            progress=False)
     assert one.qconfig["layers"] == two.qconfig["layers"]
+
+
+def test_qconfig_records_the_quantizer_of_the_losses(files):
+    trace, loss, perf = files
+    gptq = copy.deepcopy(loss)
+    gptq["meta"].update(method="gptq", hadamard=True, rotation_seed=7, seed=7,
+                        text=["data/books-calib.txt"], sampling="sample")
+    cfg = SolveConfig(wbits=4.5, r=1.0, hull=0)
+    res = solve_allocation(build_inputs(trace, gptq, perf, batch=256), cfg, progress=False)
+    tokens = gptq["meta"]["num_tokens"]
+    assert res.qconfig["meta"]["quantizer"] == {
+        "method": "gptq", "hadamard": True, "seed": 7,
+        "calibration": {"text": ["data/books-calib.txt"], "text_names": ["books-calib.txt"],
+                        "windows": tokens // gptq["meta"]["seqlen"],
+                        "seqlen": gptq["meta"]["seqlen"], "sampling": "sample"}}
+    # a loss.json that does not say how it was measured: nothing recorded, nothing checked later
+    bare = copy.deepcopy(loss)
+    bare["meta"] = {}
+    res = solve_allocation(build_inputs(trace, bare, perf, batch=256), cfg, progress=False)
+    assert res.qconfig["meta"]["quantizer"] is None

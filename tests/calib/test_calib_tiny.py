@@ -79,21 +79,22 @@ def _brute_force_params(model, windows, layer_idx, scheme):
     run = nnx.jit(lambda lay, x: lay(x, pos))
     ref = np.asarray(run(layer, x), np.float64)
     out = {}
-    # RTN is per expert: quantizing the stack once and taking expert e's slice is the same
-    stacks = {b: fake_quant_weight(getattr(layer.mlp.experts, b)[...], scheme) for b in BLOCKS
-              if getattr(layer.mlp.experts, b).shape[-2] % max(scheme.group_size, 1) == 0}
+    # RTN is per expert: quantizing the stack once and taking expert e's slice is the same; each
+    # block with the scheme calibrate uses for its K (g128 on the routed down's K = 192: g96)
+    def fq(w):
+        return fake_quant_weight(w, scheme.for_k(w.shape[-2]))
+
+    stacks = {b: fq(getattr(layer.mlp.experts, b)[...]) for b in BLOCKS}
     for e in range(cfg.num_experts + 1):
         for b in BLOCKS:
             if e < cfg.num_experts:
                 param = getattr(layer.mlp.experts, b)
                 orig = param[...]
-                if b not in stacks:
-                    continue
                 param[...] = orig.at[e].set(stacks[b][e])
             else:
                 param = getattr(layer.mlp.shared, f"{b}_proj").kernel
                 orig = param[...]
-                param[...] = fake_quant_weight(orig, scheme)
+                param[...] = fq(orig)
             try:
                 out[e, b] = float(np.linalg.norm(np.asarray(run(layer, x), np.float64) - ref))
             finally:
@@ -186,9 +187,13 @@ def test_shortcut_equals_brute_force_rtn(tiny, windows, shortcut, scheme):
         for (e, b), want in brute.items():
             d = got[str(e)][BLOCKS.index(b)]
             assert _rel_close(want, d), (i, e, b, want, d)
-        # blocks whose K the group size does not divide are recorded as unsupported
-        n_missing = sum(v is None for blocks in got.values() for v in blocks)
-        assert n_missing == 3 * (model.cfg.num_experts + 1) - len(brute)
+        # every block is measured (g128 as g96 where K = 192), none is null
+        assert len(brute) == 3 * (model.cfg.num_experts + 1)
+        assert not any(v is None for blocks in got.values() for v in blocks)
+    if scheme.group_size == 128:
+        assert shortcut["meta"]["group_size_substitutions"] == [
+            {"scheme": "w4a16_g128_asym", "k": 192, "blocks": ["down_proj"],
+             "used": "w4a16_g96_asym"}]
 
 
 @pytest.mark.parametrize("scheme", ["w8a8_g-1_sym", "w4a4_g-1_sym"])

@@ -115,13 +115,24 @@ def test_deepseek_v2_shortcut_equals_brute_force_and_trace():
     assert counts.sum(axis=2).tolist() == [[per_window] * 2] * len(tr["moe_layers"])
 
 
-def test_unsupported_group_size_is_null_and_bad_config_errors():
+def test_group_size_larger_than_k_is_per_channel_and_bad_config_errors(capsys, monkeypatch):
+    from mxmoe_jax.quant import scheme as scheme_mod
+
+    monkeypatch.setattr(scheme_mod, "_NOTED", set())  # notes are once per process
     cfg, model = _random_model("mixtral")  # K = 64 (gate/up) and 32 (down)
+    schemes = ("w4a16_g64_asym", "w4a16_g-1_asym")
     res = C.calibrate(model, RNG.integers(0, cfg.vocab_size, (1, 16)),
-                      C.CalibConfig(schemes=("w4a16_g64_asym",), layers=(0,)), meta={})
-    blocks = res["losses"]["w4a16_g64_asym"]["0"]
+                      C.CalibConfig(schemes=schemes, layers=(0,)), meta={})
+    blocks, per_channel = (res["losses"][s]["0"] for s in schemes)
     assert len(blocks) == cfg.num_experts  # no shared expert
-    assert all(v[2] is None and v[0] is not None for v in blocks.values())
+    # down (K = 32 < 64) is measured per channel: one group of 32 is exactly that
+    for e, v in blocks.items():
+        assert None not in v
+        assert v[2] == pytest.approx(per_channel[e][2], rel=1e-6, abs=1e-9)
+    assert res["meta"]["group_size_substitutions"] == [
+        {"scheme": "w4a16_g64_asym", "k": 32, "blocks": ["down_proj"], "used": "w4a16_g-1_asym"}]
+    assert "w4a16_g64_asym: group size 64 does not divide down_proj K=32; using " \
+        "w4a16_g-1_asym there" in capsys.readouterr().err
     with pytest.raises(ValueError, match="method"):
         C.CalibConfig(schemes=("w4a16_g-1_asym",), method="awq")
     with pytest.raises(ValueError, match="scheme"):
@@ -129,6 +140,48 @@ def test_unsupported_group_size_is_null_and_bad_config_errors():
     with pytest.raises(ValueError, match="layers"):
         C.calibrate(model, np.zeros((1, 8), np.int32),
                     C.CalibConfig(schemes=("w8a8_g-1_sym",), layers=(7,)), meta={})
+
+
+@pytest.mark.parametrize("metric", ["layer_out_norm", "model_out_norm"])
+def test_substituted_group_size_is_measured_under_the_requested_name(metric):
+    """qwen2_moe: gate/up K = 64, routed down K = 32, shared down K = 48, which g32 does not
+    divide: its shared down is measured as g16 (weights and, for w4a4, the down input), the other
+    blocks as g32; the shared down is checked by brute force through the model's parameters."""
+    cfg, model = _random_model("qwen2_moe_norm", std_scale=25.0)
+    assert cfg.shared_intermediate_size == 48
+    ids = RNG.integers(0, cfg.vocab_size, (2, 16))
+    schemes = ("w4a16_g32_asym", "w4a16_g16_asym", "w4a4_g32_sym", "w4a4_g16_sym")
+    res = C.calibrate(model, ids, C.CalibConfig(schemes=schemes, layers=(1,), metric=metric,
+                                                batch_tokens=16), meta={})
+    assert [(d["scheme"], d["k"], d["blocks"], d["used"])
+            for d in res["meta"]["group_size_substitutions"]] == [
+        ("w4a16_g32_asym", 48, ["shared down_proj"], "w4a16_g16_asym"),
+        ("w4a4_g32_sym", 48, ["shared down_proj"], "w4a4_g16_sym")]
+    shared = str(cfg.num_experts)
+    for g32, g16 in (schemes[:2], schemes[2:]):
+        got, sub = res["losses"][g32]["1"], res["losses"][g16]["1"]
+        assert all(None not in v for v in got.values())
+        assert got[shared][2] == pytest.approx(sub[shared][2], rel=1e-5)
+        assert got[shared][0] != pytest.approx(sub[shared][0], rel=1e-3)  # gate stays g32
+    # brute force: the shared down_proj quantized with g16 in the model's parameters
+    layer = model.layers[1]
+    x = _run_layer(model.layers[0], model.embed_tokens(jnp.asarray(ids)))
+
+    def output(x):  # what the metric compares (layer 1 is the last layer)
+        out = _run_layer(layer, x)
+        out = walk.final_hidden(model, out) if metric == "model_out_norm" else out
+        return np.asarray(out, np.float64)
+
+    ref = output(x)
+    param = layer.mlp.shared.down_proj.kernel
+    orig = param[...]
+    param[...] = fake_quant_weight(orig, "w4a16_g16_asym")
+    try:
+        want = float(np.linalg.norm(output(x) - ref))
+    finally:
+        param[...] = orig
+    got = res["losses"]["w4a16_g32_asym"]["1"][shared][2]
+    assert abs(want - got) <= 1e-3 * want + 1e-7, (want, got)
 
 
 # ------------------------------------------------------------------------------ --hadamard

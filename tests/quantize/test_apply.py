@@ -22,7 +22,7 @@ from mxmoe_jax.ops import dequantize_weight
 from mxmoe_jax.quant.gptq import gptq_quantize
 from mxmoe_jax.quant.qtensor import dequantize
 from mxmoe_jax.quant.rtn import fake_quant_weight
-from mxmoe_jax.quant.scheme import W16A16
+from mxmoe_jax.quant.scheme import W16A16, QScheme
 from mxmoe_jax.quantize.apply import quantize_model, rtn_weights
 from tests.conftest import FIXTURES
 from tests.quant.helpers import load_hf_flat
@@ -200,9 +200,48 @@ def test_quantize_model_replaces_exactly_the_allocated_stacks():
         Allocation(cfg, {(moe, 0, "gate"): "w4a16_g-1_sym", (moe, 0, "up"): "w8a16_g-1_sym"})
     with pytest.raises(ValueError, match="gate and up"):
         Allocation(cfg, {(moe, 0, "gate"): "w4a16_g-1_sym"})
-    assert cfg.intermediate_size % 64  # the dense MLP's down has K = 96
-    with pytest.raises(ValueError, match="group size"):
-        Allocation(cfg, {(dense, 0, "down"): "w4a16_g64_sym"})
+    assert cfg.intermediate_size % 64  # the dense MLP's down has K = 96: g64 becomes g48
+    sub = Allocation(cfg, {(dense, 0, "down"): "w4a16_g64_sym"})
+    assert sub.as_dict() == {(dense, 0, "down"): QScheme.parse("w4a16_g48_sym")}
+    with pytest.raises(ValueError, match="multiple of 16"):  # an invalid scheme stays an error
+        Allocation(cfg, {(dense, 0, "down"): "w4a16_g40_sym"})
+
+
+@pytest.mark.parametrize("scheme, sub", [("w4a16_g32_asym", "w4a16_g16_asym"),
+                                         ("w4a4_g32_sym", "w4a4_g16_sym")])
+def test_group_size_not_dividing_k_quantizes_with_the_substitute(scheme, sub, capsys,
+                                                                 monkeypatch):
+    """qwen2_moe: the shared expert's down has K = 48, which g32 does not divide: a uniform
+    allocation (``--scheme``) and a qconfig naming the scheme there quantize it with g16."""
+    from mxmoe_jax.quant import scheme as scheme_mod
+
+    monkeypatch.setattr(scheme_mod, "_NOTED", set())  # notes are once per process
+    d = FIXTURES / "hf" / "qwen2_moe_norm"
+    cfg, flat = load_hf_flat(d)
+    assert cfg.shared_intermediate_size == 48
+    alloc = Allocation.uniform(cfg, scheme)
+    e_sh = cfg.num_experts
+    for (layer, e, b), s in alloc.as_dict().items():
+        assert s == QScheme.parse(sub if (e, b) == (e_sh, "down") else scheme), (layer, e, b)
+    layers = alloc.to_layers()  # what the QMODEL's qconfig.json names: the schemes stored
+    assert layers["0"][str(e_sh)]["down"] == sub and layers["0"]["0"]["down"] == scheme
+    q = {"format": "mxmoe-jax/qconfig/1", "layers": {
+        li: {e: {b: scheme for b in blocks} for e, blocks in experts.items()}
+        for li, experts in layers.items()}}
+    assert Allocation.from_qconfig(cfg, q) == alloc
+    assert capsys.readouterr().err == (f"{scheme}: group size 32 does not divide shared "
+                                       f"down_proj K=48; using {sub} there\n")  # once for both
+
+    model = from_flat_params(cfg, flat)
+    qmodel = quantize_model(model, alloc)
+    layer = cfg.moe_layers[0]
+    (grp,) = qmodel.layers[layer].mlp.shared.weights().down
+    assert grp.scheme == QScheme.parse(sub)
+    sk = np.asarray(flat[f"layers/{layer}/mlp/shared/down_proj/kernel"])
+    np.testing.assert_array_equal(np.asarray(dequantize_weight(grp.w))[0],
+                                  np.asarray(fake_quant_weight(sk, sub)))
+    ids = jnp.asarray(np.load(d / "inputs.npz")["input_ids"])
+    assert np.all(np.isfinite(np.asarray(forward(qmodel, ids))))
 
 
 def test_uniform_allocation_forward_runs_and_differs():

@@ -141,7 +141,6 @@ def test_kernel_path_in_interpret_mode_matches_the_reference(model_dir, tmp_path
     ("layer", "layer 7 is not a layer"),
     ("expert", "no expert 9 (experts 0..8)"),
     ("scheme", "w5a16"),
-    ("group", "does not divide K"),
     ("gate_up", "gate and up must share a scheme"),
 ])
 def test_bad_qconfig_is_one_line_exit_2_and_nothing_written(model_dir, tmp_path, capsys, case,
@@ -150,7 +149,6 @@ def test_bad_qconfig_is_one_line_exit_2_and_nothing_written(model_dir, tmp_path,
         "layer": lambda i, e, b: "w4a16_g-1_asym",
         "expert": lambda i, e, b: "w4a16_g-1_asym",
         "scheme": lambda i, e, b: "w5a16_g-1_asym",
-        "group": lambda i, e, b: "w4a16_g128_asym",
         "gate_up": lambda i, e, b: "w4a16_g-1_asym" if b == "gate" else "w8a16_g-1_asym",
     }[case]
     layers = [7] if case == "layer" else [0]
