@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="budget per layer (default) or for the whole model")
     p.add_argument("--granularity", choices=("linear", "expert"), default="linear",
                    help="a scheme per block group (default) or per expert")
+    p.add_argument("--proxy", choices=("squared", "frobenius"), default="squared",
+                   help="a block's loss from its Δ: squared = Δ² (default; squared errors add), "
+                        "frobenius = Δ (the original MxMoE)")
     p.add_argument("--schemes", nargs="+", metavar="S",
                    help="candidate schemes (default: every scheme in loss.json)")
     p.add_argument("--hull", type=int, default=4,
@@ -78,7 +81,7 @@ def main(args: argparse.Namespace) -> int:
     from mxmoe_jax.alloc.solve import SolveConfig, solve_allocation
 
     inputs = load_inputs(args.trace, args.loss, args.perf, batch=args.batch, schemes=args.schemes)
-    kw = dict(wbits=args.wbits, abits=args.abits, r=args.r, mode=args.mode,
+    kw = dict(wbits=args.wbits, abits=args.abits, r=args.r, mode=args.mode, proxy=args.proxy,
               granularity=args.granularity, hull=args.hull, grid=args.grid, solver=args.solver,
               jobs=args.jobs, f_tol=math.log1p(args.tol))
     cfg = SolveConfig.exact(**kw) if args.exact else SolveConfig(**kw)

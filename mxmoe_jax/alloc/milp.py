@@ -205,8 +205,11 @@ class _Model:
         self.proven = True  # False once a solve stopped at its time limit
         ok = units.available
         # Normalise loss and time so both objectives are O(1) per unit (solver tolerances are
-        # absolute); the caps use the same scale.
-        self.l_scale = float(np.nanmax(np.where(ok, units.loss, np.nan))) or 1.0
+        # absolute); the caps use the same scale. The loss by its median positive entry, not its
+        # maximum: squared losses span ~1e8 (a w2 block vs a w8 one), and scaled by the maximum
+        # the small ones fall below the solver's optimality tolerance (1e-7) and stop counting.
+        pos = units.loss[ok & (units.loss > 0)]
+        self.l_scale = float(np.median(pos)) if pos.size else 1.0
         self.t_scale = float(np.nanmax(np.where(ok, units.time, np.nan))) or 1.0
         total = float(units.size.sum())
         self.w_rhs = wbudget * total
@@ -229,7 +232,9 @@ class _Model:
         items = self.x.items()
         self.l_expr = pulp.lpSum(units.loss[u, s] / self.l_scale * v for (u, s), v in items)
         self.t_expr = pulp.lpSum(units.time[u, s] / self.t_scale * v for (u, s), v in items)
-        big = float(len(by_unit)) + 1.0
+        # a cap no assignment reaches: every unit at its costliest scheme (loss and time scaled)
+        worst = np.where(ok, units.loss / self.l_scale, 0.0).max(axis=1).sum()
+        big = float(max(worst, len(by_unit))) + 1.0
         self.tcon = prob.addConstraint(self.t_expr <= big, "tau")
         self.lcon = prob.addConstraint(self.l_expr <= big, "lcap")
         self.big = big

@@ -37,6 +37,10 @@ from mxmoe_jax.quant.scheme import QScheme
 
 GROUPS = ("gate_up", "down")
 GRANULARITIES = ("linear", "expert")
+# The loss each unit contributes: "squared" sums Δ² (the squared layer-output errors of blocks that
+# perturb independently add, so Σ Δ² is the layer's expected squared error); "frobenius" sums Δ
+# as the original MxMoE does. `bench/proxy_study.py` measures which predicts perplexity.
+PROXIES = ("squared", "frobenius")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -191,9 +195,19 @@ def load_inputs(trace: str | Path, loss: str | Path, perf: str | Path, *, batch:
                         names=(str(trace), str(loss)))
 
 
-def group_arrays(ld: LayerData) -> dict[str, np.ndarray]:
+def proxy_loss(delta: np.ndarray, proxy: str) -> np.ndarray:
+    """Each block's contribution to the objective from its Δ (``PROXIES``)."""
+    if proxy == "squared":
+        return delta ** 2
+    if proxy == "frobenius":
+        return delta
+    raise ValueError(f"--proxy: {proxy!r} is not one of {PROXIES}")
+
+
+def group_arrays(ld: LayerData, proxy: str = "frobenius") -> dict[str, np.ndarray]:
     """Per (expert, group, scheme) loss/time/bits with gate and up merged; NaN = not offered."""
-    loss = np.stack([ld.loss[:, 0] + ld.loss[:, 1], ld.loss[:, 2]], axis=1)  # [e, 2, s]
+    d = proxy_loss(ld.loss, proxy)
+    loss = np.stack([d[:, 0] + d[:, 1], d[:, 2]], axis=1)  # [e, 2, s]
     ok = np.isfinite(loss) & np.isfinite(ld.time) & np.isfinite(ld.bpw)
     nan = np.full_like(loss, np.nan)
     return dict(loss=np.where(ok, loss, nan), time=np.where(ok, ld.time, nan),
@@ -201,13 +215,15 @@ def group_arrays(ld: LayerData) -> dict[str, np.ndarray]:
                 abits=np.where(ok, ld.abpw * ld.size[..., None], nan))
 
 
-def make_units(layers: list[LayerData], granularity: str = "linear") -> Units:
-    """The MILP units of these layers: (expert, group) pairs, or whole experts."""
+def make_units(layers: list[LayerData], granularity: str = "linear",
+               proxy: str = "frobenius") -> Units:
+    """The MILP units of these layers: (expert, group) pairs, or whole experts, with the loss
+    of ``proxy``."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"--granularity: {granularity!r} is not one of {GRANULARITIES}")
     parts = {k: [] for k in ("loss", "time", "wbits", "abits", "size")}
     for ld in layers:
-        a = group_arrays(ld)
+        a = group_arrays(ld, proxy)
         if granularity == "linear":
             for k in ("loss", "time", "wbits", "abits"):
                 parts[k].append(a[k].reshape(-1, a[k].shape[-1]))

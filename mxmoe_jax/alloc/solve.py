@@ -16,7 +16,7 @@ import multiprocessing
 import numpy as np
 
 from mxmoe_jax.alloc.milp import BudgetError, Solution, Units, ceil_bits, solve_tradeoff
-from mxmoe_jax.alloc.problem import AllocInputs, decode, make_units, uniform_choice
+from mxmoe_jax.alloc.problem import PROXIES, AllocInputs, decode, make_units, uniform_choice
 from mxmoe_jax.alloc.qconfig import make_qconfig, quantizer_record
 
 MODES = ("layer", "model")
@@ -31,6 +31,7 @@ class SolveConfig:
     r: float = 0.75  # weight of log L against log T (1 = accuracy only, 0 = speed only)
     mode: str = "layer"  # "layer": a budget per layer; "model": one budget for the model
     granularity: str = "linear"  # "linear": per block group; "expert": one scheme per expert
+    proxy: str = "squared"  # the loss of a block from its Δ: "squared" (Δ²) or "frobenius" (Δ)
     hull: int = 4  # convex-hull frontier points to find per MILP for the picture
     grid: int = 0  # ε-constraint display probes at evenly spaced τ (slower MILPs)
     grid_gap: float = 1e-2  # relative MILP gap of those probes (pictures, not proofs)
@@ -50,6 +51,8 @@ class SolveConfig:
             raise ValueError(f"r: must be in [0, 1], got {self.r}")
         if self.mode not in MODES:
             raise ValueError(f"mode: {self.mode!r} is not one of {MODES}")
+        if self.proxy not in PROXIES:
+            raise ValueError(f"proxy: {self.proxy!r} is not one of {PROXIES}")
         if self.granularity not in ("linear", "expert"):
             raise ValueError(f"granularity: {self.granularity!r} is not 'linear' or 'expert'")
         if self.jobs < 1:
@@ -108,7 +111,7 @@ def solve_allocation(inputs: AllocInputs, cfg: SolveConfig, *, progress: bool = 
         groups = {ld.layer: [ld] for ld in inputs.layers}
     else:
         groups = {"model": list(inputs.layers)}
-    units = {key: make_units(lds, gran) for key, lds in groups.items()}
+    units = {key: make_units(lds, gran, cfg.proxy) for key, lds in groups.items()}
     if cfg.mode == "layer":
         check_layer_budgets(units, cfg)
     kw = dict(wbudget=cfg.wbits, abudget=cfg.abits, r=cfg.r, hull=cfg.hull, grid=cfg.grid,
@@ -148,7 +151,7 @@ def solve_allocation(inputs: AllocInputs, cfg: SolveConfig, *, progress: bool = 
     sizes = [float(u.size.sum()) for u in units.values()]
     totals = _summed([units[k].evaluate(solutions[k].chosen.choice) for k in units], sizes)
     # uniform assignments at linear granularity (the same blocks, one scheme everywhere)
-    lin = {key: make_units(lds, "linear") for key, lds in groups.items()}
+    lin = {key: make_units(lds, "linear", cfg.proxy) for key, lds in groups.items()}
     uniform: dict[str, dict | None] = {}
     for j, name in enumerate(inputs.schemes):
         choices = {k: uniform_choice(u, j) for k, u in lin.items()}
@@ -161,6 +164,7 @@ def solve_allocation(inputs: AllocInputs, cfg: SolveConfig, *, progress: bool = 
                    seconds=round(sum(s.seconds for s in solutions.values()), 3),
                    perf=inputs.perf.label, layers=per_layer, uniform=uniform)
     full_meta = dict(wbits=cfg.wbits, abits=cfg.abits, batch=inputs.batch, r=cfg.r, mode=cfg.mode,
+                     proxy=cfg.proxy,
                      granularity=gran, schemes=list(inputs.schemes),
                      perf=dict(path=inputs.perf.path, source=inputs.perf.source,
                                device=inputs.perf.device),

@@ -82,8 +82,8 @@ def test_solver_loss_is_at_most_every_uniform_loss_at_equal_bits(files):
     rows = check_against_uniform(inputs_of(files))
     assert {r["scheme"] for r in rows} == set(SCHEMES)
     for row in rows:
-        # the uniform loss, summed straight from loss.json
-        uni = sum(sum(v) for per_layer in loss["losses"][row["scheme"]].values()
+        # the uniform loss, summed straight from loss.json (the default proxy: Σ Δ²)
+        uni = sum(sum(d * d for d in v) for per_layer in loss["losses"][row["scheme"]].values()
                   for v in per_layer.values())
         assert row["uniform_L"] == pytest.approx(uni)
         assert row["solver_L"] <= uni * (1 + 1e-9) + 1e-12
@@ -175,3 +175,23 @@ def test_qconfig_records_the_quantizer_of_the_losses(files):
     bare["meta"] = {}
     res = solve_allocation(build_inputs(trace, bare, perf, batch=256), cfg, progress=False)
     assert res.qconfig["meta"]["quantizer"] is None
+
+
+@pytest.mark.parametrize("proxy", ["squared", "frobenius"])
+def test_proxy_sets_what_the_solver_minimises(files, proxy):
+    """L is Σ Δ² or Σ Δ of the chosen blocks, summed straight from loss.json."""
+    _, loss, _ = files
+    res = solve_allocation(inputs_of(files), SolveConfig(wbits=4.5, r=1.0, proxy=proxy, hull=0),
+                           progress=False)
+    f = (lambda d: d * d) if proxy == "squared" else (lambda d: d)
+    want = sum(f(loss["losses"][schemes[b]][layer][e][i])
+               for layer, experts in res.qconfig["layers"].items()
+               for e, schemes in experts.items()
+               for i, b in enumerate(("gate", "up", "down")))
+    assert res.totals["L"] == pytest.approx(want)
+    assert res.qconfig["meta"]["proxy"] == proxy
+
+
+def test_unknown_proxy_is_refused():
+    with pytest.raises(ValueError, match="proxy"):
+        SolveConfig(wbits=4.0, proxy="l1")
