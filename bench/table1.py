@@ -3,8 +3,9 @@
 Rows: FP; RTN and GPTQ uniform w4/w3/w2 (per channel and g64, the grouped size that divides both
 K = 256 and K = 192), each with its true bits; MxMoE (GPTQ losses, r = 1) at each of those bits;
 uniform w8a8 and w4a4 with rotation, MxMoE W5A5 (r = 0.75) with rotation; linear-block vs
-expert granularity at the lowest budget. Perplexity on books-eval and WikiText-2 (16 windows of
-512 tokens each), GPTQ calibrated on books-calib (16 x 512, seed 42).
+expert granularity at the lowest budget that leaves the solver a choice (uniform w2 g64's 2.5
+bits: at w2 per channel's bits every block must take that scheme). Perplexity on books-eval and
+WikiText-2 (16 windows of 512 tokens each), GPTQ calibrated on books-calib (16 x 512, seed 42).
 
 Run: ``python -m bench.table1 [--work DIR] [--proxy squared] [--mode model]`` (shares the
 measurement cache and setup of `bench.proxy_study`); prints a Markdown table and writes
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             mixed = solve_r1(transform(inputs, _transform_for(args.proxy)), bits, args.mode)
             row(f"MxMoE GPTQ @ {bits:.3f} ({args.proxy}, {args.mode})", avg_bits(inputs, mixed),
                 mixed)
-    low = avg_bits(inputs, uniform_layers(inputs, SCHEMES[0]))
+    low = avg_bits(inputs, uniform_layers(inputs, SCHEMES[1]))  # w2a16_g64_asym
     expert = solve_r1(transform(inputs, _transform_for(args.proxy)), low, args.mode, "expert")
     row(f"MxMoE GPTQ @ {low:.3f}, expert granularity", avg_bits(inputs, expert), expert)
 
