@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mxmoe_jax.quant import act
+from mxmoe_jax.quant.fpexact import narrow, widen
 from mxmoe_jax.quant.packing import PackedWeight, dequantize_packed, pack
 from mxmoe_jax.quant.qtensor import QuantizedWeight, dequantize
 from mxmoe_jax.quant.scheme import W16A16, QScheme
@@ -261,12 +262,12 @@ def grouped_matmul_reference(x: jax.Array, w: Weight, group_sizes: jax.Array, *,
         y = _ragged_dot(x, w.astype(x.dtype) if w.dtype != x.dtype else w, group_sizes,
                         precision=precision)
         return y.astype(out_dtype)
-    xf = x.astype(jnp.float32)
+    xf = widen(x)  # bf16 inputs with their bf16 rounding, on every backend (fpexact)
     if not scheme.weight_only:
         xf = act.dequantize_activations(*act.quantize_activations(xf, scheme))
     y = _ragged_dot(xf, dequantize_weight(w).astype(jnp.float32), group_sizes,
                     precision=jax.lax.Precision.HIGHEST)
-    return y.astype(out_dtype)
+    return narrow(y, out_dtype)
 
 
 def expert_of_row(group_sizes: jax.Array, m: int) -> jax.Array:
@@ -283,7 +284,7 @@ def _by_scheme_reference(x, parts, group_sizes, out_dtype):
     _, k, n = weight_shape(parts[0][0])
     w_full = jnp.zeros((e, k, n), jnp.float32)
     ex = expert_of_row(group_sizes, x.shape[0])  # [M]
-    xf = x.astype(jnp.float32)
+    xf = widen(x)
     xq = xf
     for w, experts in parts:
         idx = jnp.asarray(experts, jnp.int32)
@@ -294,7 +295,7 @@ def _by_scheme_reference(x, parts, group_sizes, out_dtype):
             xq = jnp.where(rows, act.dequantize_activations(*act.quantize_activations(xf, scheme)),
                            xq)
     y = _ragged_dot(xq, w_full, group_sizes, precision=jax.lax.Precision.HIGHEST)
-    return y.astype(out_dtype)
+    return narrow(y, out_dtype)
 
 
 def grouped_matmul_by_scheme(x: jax.Array, parts, group_sizes: jax.Array, *, out_dtype=None,

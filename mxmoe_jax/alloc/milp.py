@@ -48,7 +48,9 @@ import sys
 import time as _time
 
 import numpy as np
-import pulp
+
+# PuLP is imported where a model is built or solved, not here: `Units` and the helpers serve
+# problem building and scoring on machines without PuLP (the GPU machine has none).
 
 _TINY = 1e-300  # floors log(0): an L or T of zero beats every positive one
 
@@ -178,6 +180,7 @@ SOLVERS = ("highs", "cbc")
 def make_solver(name: str = "highs", *, gap: float = 0.0, warm: bool = False, threads: int = 1,
                 time_limit: float | None = None):
     """A PuLP solver; ``gap`` = relative optimality gap (0 = exact, as the tests demand)."""
+    import pulp
     if name == "highs":
         # No warm start: with PuLP 4.2 + highspy 1.16, a warm-started MILP came back "Optimal"
         # at the start point itself (checked: min T returned the min-L point's T).
@@ -196,6 +199,7 @@ class _Model:
 
     def __init__(self, units: Units, wbudget: float, abudget: float | None, solver: str,
                  time_limit: float | None = None):
+        import pulp
         self.units = units
         self.solver_name = solver
         self.time_limit = time_limit
@@ -247,6 +251,7 @@ class _Model:
 
         ``start``: a feasible assignment to warm-start from; ``gap``: relative optimality gap.
         """
+        import pulp
         u = self.units
         warm = False  # see make_solver: warm starts are off; `start` is accepted and ignored
         key = (gap, warm)
@@ -296,6 +301,7 @@ class _Model:
 
     def lp_min_t(self) -> float:
         """A lower bound on T: min T of the LP relaxation (budgets kept, x continuous)."""
+        import pulp
         self.prob.setObjective(self.t_expr)
         self.tcon.changeRHS(self.big)
         self.lcon.changeRHS(self.big)

@@ -16,7 +16,12 @@ So the quantizers never divide with ``/`` where the bits matter and never round 
   (float16: 10 fraction bits, min normal exponent -14; float8_e4m3fn: 3 and -6), by a multiply
   with an exact power of two, an integer rounding and the multiply back, all exact IEEE operations
   that nothing rewrites. The result is an f32 on that grid; a later cast to the narrow dtype is
-  exact, so it does not matter whether a compiler keeps it.
+  exact, so it does not matter whether a compiler keeps it;
+* `widen` and `narrow`: bfloat16 <-> f32 through the bit patterns (round to nearest even when
+  narrowing), for the fake-quantization reference, whose bf16 intermediates must be rounded as a
+  bf16 model rounds them (and as the kernels, whose outputs are real bf16 arrays, do): inside a
+  GPU fusion an ``f32 -> bf16 -> f32`` pair is deleted like the float16 one, and a one-ulp change
+  of a value that is then quantized to 4 or 8 bits moves its code at every near-tie.
 """
 
 from __future__ import annotations
@@ -79,6 +84,27 @@ def _pow2(biased: jax.Array) -> jax.Array:
 def _biased_exponent(x: jax.Array) -> jax.Array:
     """The f32 biased exponent field of ``|x|`` (0 for zero and f32 subnormals), int32."""
     return (lax.bitcast_convert_type(x, jnp.int32) >> 23) & 0xFF
+
+
+def widen(x: jax.Array) -> jax.Array:
+    """``x`` as f32. A bfloat16 ``x`` is widened from its bit pattern, so its bf16 rounding is
+    kept even where a compiler would have fused it away (see the module doc)."""
+    if x.dtype != jnp.bfloat16:
+        return x.astype(jnp.float32)
+    bits = lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) << 16
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def narrow(y: jax.Array, dtype) -> jax.Array:
+    """f32 ``y`` cast to ``dtype``; to bfloat16 by round to nearest even on the bit pattern (the
+    IEEE cast's result, NaN staying NaN), which no compiler can skip."""
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        return y.astype(dtype)
+    bits = lax.bitcast_convert_type(y.astype(jnp.float32), jnp.uint32)
+    rounded = bits + jnp.uint32(0x7FFF) + ((bits >> 16) & jnp.uint32(1))
+    nan = jnp.isnan(y)
+    top = jnp.where(nan, (bits >> 16) | jnp.uint32(0x40), rounded >> 16)  # quiet NaN
+    return lax.bitcast_convert_type(top.astype(jnp.uint16), jnp.bfloat16)
 
 
 def snap_step(x: jax.Array, fmt: tuple[int, int]) -> jax.Array:

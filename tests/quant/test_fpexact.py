@@ -1,5 +1,6 @@
-"""`fpexact.snap`: rounding to the float16 / float8_e4m3fn grid without a cast, checked against
-NumPy's (ml_dtypes') own casts, which round to nearest even and keep subnormals."""
+"""`fpexact.snap`: rounding to the float16 / float8_e4m3fn grid without a cast, and `widen` /
+`narrow` (bfloat16 through the bit patterns), checked against NumPy's (ml_dtypes') own casts,
+which round to nearest even and keep subnormals."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from mxmoe_jax.quant.fpexact import F8_E4M3_BITS, F16_BITS, prev_float, snap, snap_step
+from mxmoe_jax.quant.fpexact import (
+    F8_E4M3_BITS,
+    F16_BITS,
+    narrow,
+    prev_float,
+    snap,
+    snap_step,
+    widen,
+)
 
 
 def _values(rng, n, lo_exp, hi_exp):
@@ -55,3 +64,26 @@ def test_snap_to_float8_e4m3fn_is_the_cast():
 def test_prev_float_is_one_ulp_down():
     v = np.array([1.0, 2.0 ** -20, 3.5, 65504.0], np.float32)
     np.testing.assert_array_equal(np.asarray(prev_float(v)), np.nextafter(v, np.float32(0)))
+
+
+def test_narrow_to_bfloat16_and_widen_are_the_ieee_casts():
+    rng = np.random.default_rng(3)
+    v = _values(rng, 100_000, -140, 127)  # bf16 (= f32) subnormals up to near the f32 maximum
+    grid = np.arange(0, 0x7F80, dtype=np.uint16).view(ml_dtypes.bfloat16).astype(np.float32)
+    mid = ((grid[:-1].astype(np.float64) + grid[1:]) / 2).astype(np.float32)  # ties to even
+    special = np.array([np.inf, -np.inf, np.nan, 3.4e38, -0.0], np.float32)
+    for x in (v, grid, mid, -mid, special):
+        want = x.astype(ml_dtypes.bfloat16)
+        got = np.asarray(jax.jit(lambda a: narrow(a, jnp.bfloat16))(x))
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got.view(np.uint16)[~np.isnan(x)],
+                                      want.view(np.uint16)[~np.isnan(x)])
+        assert np.all(np.isnan(got.astype(np.float32)) == np.isnan(x))
+        np.testing.assert_array_equal(np.asarray(jax.jit(widen)(want)), want.astype(np.float32))
+    # a fused round trip keeps the rounding (a cast pair may be deleted inside a GPU fusion);
+    # normal values only: XLA's arithmetic flushes f32 subnormals to zero
+    v = v[np.abs(v) >= 2.0 ** -100]
+    fused = jax.jit(lambda a: widen(narrow(a * 1.0, jnp.bfloat16)) - a)(v)
+    np.testing.assert_array_equal(np.asarray(fused),
+                                  v.astype(ml_dtypes.bfloat16).astype(np.float32) - v)
+    assert narrow(jnp.ones(3), jnp.float16).dtype == jnp.float16  # other dtypes: the plain cast
