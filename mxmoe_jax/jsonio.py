@@ -1,4 +1,5 @@
-"""The pipeline's JSON artifacts (trace, loss, perf, qconfig): atomic writes, checked reads."""
+"""The pipeline's JSON artifacts (trace, loss, sensitivity, perf, qconfig): atomic writes,
+checked reads."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ TRACE_FORMAT = "mxmoe-jax/trace/1"
 LOSS_FORMAT = "mxmoe-jax/loss/1"
 PERF_FORMAT = "mxmoe-jax/perf/1"
 QCONFIG_FORMAT = "mxmoe-jax/qconfig/1"
+SENSITIVITY_FORMAT = "mxmoe-jax/sensitivity/1"
 
 
 def write_json_atomic(path: str | os.PathLike, obj, *, force: bool = True) -> Path:

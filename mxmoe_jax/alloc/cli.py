@@ -8,6 +8,7 @@ Writes ``--out`` (qconfig.json, schema in `mxmoe_jax.alloc.qconfig`) and beside 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -30,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--proxy", choices=("squared", "frobenius"), default="squared",
                    help="a block's loss from its Δ: squared = Δ² (default; squared errors add), "
                         "frobenius = Δ (the original MxMoE)")
+    p.add_argument("--sensitivity", metavar="FILE",
+                   help="sensitivity.json from `mxmoe-jax sensitivity`: weigh each layer's proxy "
+                        "by its measured loss per unit of Δ² (matters with --mode model)")
     p.add_argument("--schemes", nargs="+", metavar="S",
                    help="candidate schemes (default: every scheme in loss.json)")
     p.add_argument("--hull", type=int, default=4,
@@ -81,12 +85,23 @@ def main(args: argparse.Namespace) -> int:
     from mxmoe_jax.alloc.solve import SolveConfig, solve_allocation
 
     inputs = load_inputs(args.trace, args.loss, args.perf, batch=args.batch, schemes=args.schemes)
+    meta = dict(trace=args.trace, loss=args.loss)
+    if args.sensitivity:
+        from mxmoe_jax.alloc.problem import layer_weights, load_sensitivity, weigh_layers
+
+        weights = layer_weights(load_sensitivity(args.sensitivity),
+                                [ld.layer for ld in inputs.layers])
+        inputs = weigh_layers(inputs, weights, args.proxy)
+        meta.update(sensitivity=args.sensitivity, layer_weights=weights)
+        if args.mode == "layer":
+            print("note: --sensitivity weighs layers against each other; with --mode layer "
+                  "(a budget per layer) it changes nothing", file=sys.stderr)
     kw = dict(wbits=args.wbits, abits=args.abits, r=args.r, mode=args.mode, proxy=args.proxy,
               granularity=args.granularity, hull=args.hull, grid=args.grid, solver=args.solver,
               jobs=args.jobs, f_tol=math.log1p(args.tol))
     cfg = SolveConfig.exact(**kw) if args.exact else SolveConfig(**kw)
     try:
-        result = solve_allocation(inputs, cfg, meta=dict(trace=args.trace, loss=args.loss))
+        result = solve_allocation(inputs, cfg, meta=meta)
     except RuntimeError as err:  # a solver failure: one line, as for bad input
         raise ValueError(f"the MILP solver failed: {err}") from None
     write_json_atomic(out, result.qconfig)

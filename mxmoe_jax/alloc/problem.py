@@ -26,12 +26,13 @@ perf.json altogether is an error that lists what is missing.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
 
 from mxmoe_jax.alloc.milp import Units
-from mxmoe_jax.jsonio import LOSS_FORMAT, TRACE_FORMAT, read_json
+from mxmoe_jax.jsonio import LOSS_FORMAT, SENSITIVITY_FORMAT, TRACE_FORMAT, read_json
 from mxmoe_jax.perf.model import PerfModel
 from mxmoe_jax.quant.scheme import QScheme
 
@@ -202,6 +203,39 @@ def proxy_loss(delta: np.ndarray, proxy: str) -> np.ndarray:
     if proxy == "frobenius":
         return delta
     raise ValueError(f"--proxy: {proxy!r} is not one of {PROXIES}")
+
+
+def load_sensitivity(path) -> dict:
+    """A sensitivity.json (``mxmoe-jax sensitivity``, `eval.sensitivity`), format checked."""
+    return read_json(path, "sensitivity.json", SENSITIVITY_FORMAT)
+
+
+def layer_weights(sens: dict, layers) -> dict[str, float]:
+    """Per-layer proxy weights ``alpha_l / mean(alpha)`` for the layer keys ``layers``; an error
+    naming what to do where the file lacks a layer or a weight is not positive."""
+    have = sens["layers"]
+    missing = [li for li in layers if li not in have]
+    if missing:
+        raise ValueError(f"--sensitivity: no measurement for layers {missing} (it has "
+                         f"{sorted(have, key=int)}); rerun `mxmoe-jax sensitivity` on this model")
+    alpha = {li: float(have[li]["alpha"]) for li in layers}
+    bad = [li for li, a in alpha.items() if not a > 0]
+    if bad:
+        raise ValueError(f"--sensitivity: layers {bad} have no positive alpha (quantizing them "
+                         "did not raise the NLL); measure with a lower-bit --scheme or more "
+                         "--nsamples")
+    mean = sum(alpha.values()) / len(alpha)
+    return {li: a / mean for li, a in alpha.items()}
+
+
+def weigh_layers(inputs: AllocInputs, weights: dict[str, float], proxy: str) -> AllocInputs:
+    """Inputs whose layer ``l`` proxy is ``weights[l]`` times the original: Δ scaled by
+    ``sqrt(w)`` for ``squared``, by ``w`` for ``frobenius`` (the solver then sees w · proxy)."""
+    if proxy not in PROXIES:
+        raise ValueError(f"--proxy: {proxy!r} is not one of {PROXIES}")
+    scale = {li: (math.sqrt(w) if proxy == "squared" else w) for li, w in weights.items()}
+    layers = [dataclasses.replace(ld, loss=ld.loss * scale[ld.layer]) for ld in inputs.layers]
+    return dataclasses.replace(inputs, layers=layers)
 
 
 def group_arrays(ld: LayerData, proxy: str = "frobenius") -> dict[str, np.ndarray]:

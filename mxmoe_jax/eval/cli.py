@@ -43,6 +43,27 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help='print {"ppl", "tokens", "windows"} as the last stdout line')
     p.set_defaults(func=main)
 
+    s = sub.add_parser("sensitivity", help="per-layer loss cost of a unit of Δ² (for solve "
+                       "--sensitivity)", description=(
+                           "For each MoE layer alone, quantize every expert block with --scheme "
+                           "(RTN) and measure the NLL increase on calibration windows and the "
+                           "layer's Σ Δ²; alpha = their ratio weighs the layers in `solve "
+                           "--sensitivity --mode model`."))
+    s.add_argument("--model", required=True, help="MODEL_DIR written by `mxmoe-jax convert`")
+    s.add_argument("--text", required=True, nargs="+", metavar="FILE",
+                   help="calibration text file(s)")
+    s.add_argument("--tokenizer", help="folder with the HF tokenizer (default: the model folder)")
+    s.add_argument("--scheme", default="w2a16_g-1_asym",
+                   help="reference scheme each layer is quantized with (default w2a16_g-1_asym)")
+    s.add_argument("--seqlen", type=int, default=512, help="window length (default 512)")
+    s.add_argument("--nsamples", type=int, default=16, help="windows (default 16)")
+    s.add_argument("--seed", type=int, default=42, help="window sampling seed (default 42)")
+    s.add_argument("--batch", type=int, default=4, help="windows per forward pass (default 4)")
+    s.add_argument("--layers", type=int, nargs="+", help="MoE layers to measure (default all)")
+    s.add_argument("--out", required=True, help="sensitivity.json to write")
+    s.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    s.set_defaults(func=_sensitivity)
+
 
 def main(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
@@ -112,3 +133,9 @@ def _quantize(args: argparse.Namespace, dtype):
         raise ValueError("--dtype: in-memory quantization runs in fp32 (the reference form); "
                          "write a QMODEL_DIR with `quantize` to evaluate it in bf16")
     return qmodel
+
+
+def _sensitivity(args: argparse.Namespace) -> int:
+    from mxmoe_jax.eval.sensitivity import main_sensitivity
+
+    return main_sensitivity(args)

@@ -46,7 +46,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"  expert weights: the allocation's bits predict {b['experts_predicted'] / mib:.2f} MiB;"
           f" stored arrays {b['experts_stored'] / mib:.2f} MiB "
           f"({b['experts_stored'] / max(b['experts_predicted'], 1):.3f}x), on disk "
-          f"{b['experts_on_disk'] / mib:.2f} MiB (Orbax-compressed, "
+          f"{b['experts_on_disk'] / mib:.2f} MiB (Orbax, uncompressed, "
           f"{b['experts_on_disk'] / max(b['experts_predicted'], 1):.3f}x)")
     print(f"  unquantized rest: {b['rest'] / mib:.2f} MiB of arrays, {b['rest_on_disk'] / mib:.2f} "
           "MiB on disk")

@@ -195,3 +195,39 @@ def test_proxy_sets_what_the_solver_minimises(files, proxy):
 def test_unknown_proxy_is_refused():
     with pytest.raises(ValueError, match="proxy"):
         SolveConfig(wbits=4.0, proxy="l1")
+
+
+def test_sensitivity_weights_move_bits_to_the_weighted_layer(files, tmp_path):
+    """Model mode: a layer weighted up by --sensitivity gets at least the bits it had; the weights
+    are recorded in the qconfig's meta; a file that lacks a layer is a one-line error."""
+    trace, loss, perf = files
+    paths = {}
+    for name, obj in (("trace", trace), ("loss", loss), ("perf", perf.table)):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(obj))
+    layers = sorted(loss["losses"][next(iter(loss["losses"]))], key=int)
+    heavy = layers[0]
+    sens = {"format": "mxmoe-jax/sensitivity/1", "meta": {},
+            "layers": {li: {"alpha": 50.0 if li == heavy else 1.0} for li in layers}}
+    (tmp_path / "sens.json").write_text(json.dumps(sens))
+    base = ["solve", "--trace", str(paths["trace"]), "--loss", str(paths["loss"]), "--perf",
+            str(paths["perf"]), "--batch", "128", "--wbits", "3.5", "--r", "1", "--mode", "model",
+            "--hull", "0", "--no-plots"]
+    assert cli([*base, "--out", str(tmp_path / "plain.json")]) == 0
+    assert cli([*base, "--sensitivity", str(tmp_path / "sens.json"),
+                "--out", str(tmp_path / "weighted.json")]) == 0
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    weighted = json.loads((tmp_path / "weighted.json").read_text())
+    w = weighted["meta"]["layer_weights"]
+    assert w[heavy] == pytest.approx(50 * len(layers) / (49 + len(layers)))
+
+    def layer_bits(q, li):
+        return sum(QScheme.parse(s).w_bits for blocks in q["layers"][li].values()
+                   for s in blocks.values())
+
+    assert layer_bits(weighted, heavy) > layer_bits(plain, heavy)
+    del sens["layers"][layers[-1]]
+    (tmp_path / "short.json").write_text(json.dumps(sens))
+    assert cli([*base, "--sensitivity", str(tmp_path / "short.json"),
+                "--out", str(tmp_path / "bad.json")]) == 2
+    assert not (tmp_path / "bad.json").exists()
