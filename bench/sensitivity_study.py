@@ -35,6 +35,8 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/mxmoe-proxy-study"))
     p.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.5])
     p.add_argument("--granularity", nargs="+", default=["linear"], choices=("linear", "expert"))
+    p.add_argument("--baseline", action="store_true",
+                   help="also measure the same solve without --sensitivity (the comparison)")
     p.add_argument("--seeds", type=int, nargs="+", default=[42],
                    help="GPTQ calibration seeds each allocation is quantized with")
     args = p.parse_args()
@@ -49,23 +51,29 @@ def main() -> None:
     inputs = study_inputs(args.work)
     fp = lab.measure("fp", uniform(inputs, "w16a16"))["ppl"]
     rows = []
-    for b in args.budgets:
+    for b in args.budgets:  # one row per (budget, variant): ppl per seed
         uni = [lab.measure(f"uniform {UNIFORM_AT[b]}", uniform(inputs, UNIFORM_AT[b]),
                            seed=seed)["ppl"] for seed in args.seeds]
-        for gran in args.granularity:
-            q = args.work / f"q-sens-{b}-{gran}.json"
+        variants = [(gran, True) for gran in args.granularity]
+        variants += [("linear", False)] if args.baseline else []
+        for gran, weighted in variants:
+            q = args.work / f"q-sens-{b}-{gran}-{int(weighted)}.json"
             run_cli(["solve", "--trace", str(args.work / "trace.json"), "--loss",
                      str(args.work / "loss.json"), "--perf", str(args.work / "perf.json"),
                      "--wbits", str(b), "--r", "1", "--mode", "model", "--proxy", "squared",
-                     "--granularity", gran, "--sensitivity", str(sens), "--schemes", *SCHEMES,
-                     "--hull", "0", "--no-plots", "--out", str(q), "--force"])
+                     "--granularity", gran, "--schemes", *SCHEMES, "--hull", "0", "--no-plots",
+                     "--out", str(q), "--force",
+                     *(["--sensitivity", str(sens)] if weighted else [])])
             layers = json.loads(q.read_text())["layers"]
-            name = "sensitivity model" + ("" if gran == "linear" else f" {gran}") + f" {b}"
+            name = (("sensitivity model" if weighted else "squared model")
+                    + ("" if gran == "linear" else f" {gran}") + f" {b}")
             mixed = [lab.measure(name, layers, seed=seed)["ppl"] for seed in args.seeds]
             removed = [(u - m) / (u - fp) for u, m in zip(uni, mixed, strict=True)]
-            rows.append(dict(budget=b, granularity=gran, uniform_scheme=UNIFORM_AT[b],
+            rows.append(dict(budget=b, granularity=gran, sensitivity=weighted,
+                             uniform_scheme=UNIFORM_AT[b],
                              seeds=args.seeds, uniform=uni, mixed=mixed, removed=removed))
-            print(f"{b} bits, {gran}: uniform {UNIFORM_AT[b]} {uni}, solve --sensitivity {mixed} "
+            print(f"{b} bits, {gran}, sensitivity={weighted}: uniform {UNIFORM_AT[b]} {uni}, "
+                  f"solve {mixed} "
                   f"(removed {[round(100 * r) for r in removed]}% of uniform's increase over "
                   f"FP {fp:.2f})", flush=True)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H%MZ")
