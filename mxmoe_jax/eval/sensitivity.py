@@ -27,6 +27,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from mxmoe_jax.jsonio import SENSITIVITY_FORMAT as FORMAT
 
@@ -45,10 +46,17 @@ def _nll(model, windows: np.ndarray, batch: int) -> float:
     return perplexity(lambda ids: forward(model, ids), windows, batch_size=batch).nll
 
 
+@nnx.jit
+def _block_out(block, x_btd: jax.Array) -> jax.Array:
+    """An MLP / MoE block on ``x``: one compilation per block structure, shared by every layer
+    and batch (a fresh ``jax.jit(lambda ...)`` per call would compile each time)."""
+    return block(x_btd)
+
+
 def _block_sq_diff(fp_block, q_block, x_btd: jax.Array) -> float:
     """``||q_block(x) - fp_block(x)||²`` summed over tokens, in f64 on the host."""
-    ref = np.asarray(jax.jit(lambda v: fp_block(v))(x_btd), np.float64)
-    got = np.asarray(jax.jit(lambda v: q_block(v))(x_btd), np.float64)
+    ref = np.asarray(_block_out(fp_block, x_btd), np.float64)
+    got = np.asarray(_block_out(q_block, x_btd), np.float64)
     return float(np.sum((got - ref) ** 2))
 
 
