@@ -65,6 +65,8 @@ from mxmoe_jax.quant.qtensor import QuantizedWeight, dequantize
 from mxmoe_jax.quant.scheme import W16A16, QScheme
 
 IMPLS = ("auto", "kernel", "interpret", "reference")
+LAUNCHES = ("one", "per_scheme")  # kernel path of grouped_matmul_by_scheme
+EPILOGUES = ("none", "swiglu")
 BWDS = ("kernel", "reference")  # backward of the kernel path for w16a16 arrays
 
 Weight = jax.Array | QuantizedWeight | PackedWeight
@@ -250,8 +252,21 @@ def dequantize_weight(w: Weight) -> jax.Array:
     return w
 
 
+def apply_epilogue(y: jax.Array, epilogue: str) -> jax.Array:
+    """The f32 epilogue of a grouped matmul: ``"swiglu"`` maps fused gate_up outputs ``[M, 2I]``
+    to ``silu(gate) * up`` ``[M, I]``; ``"none"`` is the identity."""
+    _check_choice(epilogue, EPILOGUES, "epilogue")
+    if epilogue == "none":
+        return y
+    if y.shape[-1] % 2:
+        raise ValueError(f"epilogue: swiglu needs fused gate_up weights [E, K, 2I], got "
+                         f"N={y.shape[-1]}")
+    half = y.shape[-1] // 2
+    return jax.nn.silu(y[:, :half]) * y[:, half:]
+
+
 def grouped_matmul_reference(x: jax.Array, w: Weight, group_sizes: jax.Array, *,
-                             out_dtype=None, precision=None) -> jax.Array:
+                             out_dtype=None, precision=None, epilogue: str = "none") -> jax.Array:
     """Pure-jnp grouped matmul: the definition (module docstring)."""
     _check(x, w, group_sizes)
     out_dtype = x.dtype if out_dtype is None else out_dtype
@@ -261,13 +276,13 @@ def grouped_matmul_reference(x: jax.Array, w: Weight, group_sizes: jax.Array, *,
             precision = jax.lax.Precision.HIGHEST  # f32 means f32 (no TF32 on GPUs)
         y = _ragged_dot(x, w.astype(x.dtype) if w.dtype != x.dtype else w, group_sizes,
                         precision=precision)
-        return y.astype(out_dtype)
+        return apply_epilogue(y, epilogue).astype(out_dtype)
     xf = widen(x)  # bf16 inputs with their bf16 rounding, on every backend (fpexact)
     if not scheme.weight_only:
         xf = act.dequantize_activations(*act.quantize_activations(xf, scheme))
     y = _ragged_dot(xf, dequantize_weight(w).astype(jnp.float32), group_sizes,
                     precision=jax.lax.Precision.HIGHEST)
-    return narrow(y, out_dtype)
+    return narrow(apply_epilogue(y, epilogue), out_dtype)
 
 
 def expert_of_row(group_sizes: jax.Array, m: int) -> jax.Array:
@@ -276,7 +291,7 @@ def expert_of_row(group_sizes: jax.Array, m: int) -> jax.Array:
     return jnp.searchsorted(ends, jnp.arange(m, dtype=jnp.int32), side="right").astype(jnp.int32)
 
 
-def _by_scheme_reference(x, parts, group_sizes, out_dtype):
+def _by_scheme_reference(x, parts, group_sizes, out_dtype, epilogue="none"):
     """The reference of ``grouped_matmul_by_scheme``: every part dequantized into one f32
     ``[E, K, N]`` stack, each row's activations fake-quantized with its expert's scheme, one f32
     ragged matmul (the same numbers as one reference call per part)."""
@@ -295,32 +310,51 @@ def _by_scheme_reference(x, parts, group_sizes, out_dtype):
             xq = jnp.where(rows, act.dequantize_activations(*act.quantize_activations(xf, scheme)),
                            xq)
     y = _ragged_dot(xq, w_full, group_sizes, precision=jax.lax.Precision.HIGHEST)
-    return narrow(y, out_dtype)
+    return narrow(apply_epilogue(y, epilogue), out_dtype)
 
 
 def grouped_matmul_by_scheme(x: jax.Array, parts, group_sizes: jax.Array, *, out_dtype=None,
-                             precision=None, impl: str | None = None) -> jax.Array:
+                             precision=None, impl: str | None = None, launch: str = "one",
+                             epilogue: str = "none") -> jax.Array:
     """``grouped_matmul`` whose experts are split into parts of different formats.
 
     ``parts``: ``[(w, experts)]``, ``w [n, K, N]`` of any format holding the experts ``experts``
-    (ascending; the parts partition ``range(E)``). Kernel path: one ``grouped_matmul`` launch per
-    part; the rows are permuted so that each part's experts are contiguous (parts in order),
-    each part multiplies the ``M`` rows from its offset (its own rows first; the rest are padding
-    and come out zero), the results are written back in part order (each write overwrites the
-    zero tail of the one before) and unpermuted. Reference: ``_by_scheme_reference``.
+    (ascending; the parts partition ``range(E)``). ``epilogue``: see ``apply_epilogue``.
+    Kernel path, ``launch="one"`` (default): ONE launch of the mixed-precision kernel
+    (``kernels.pallas.mixed_gemm``), every part a segment with its own tile shape; no gradient.
+    ``launch="per_scheme"`` (the comparison): one ``grouped_matmul`` launch per part; the rows are
+    permuted so that each part's experts are contiguous (parts in order), each part multiplies the
+    ``M`` rows from its offset (its own rows first; the rest are padding and come out zero), the
+    results are written back in part order (each write overwrites the zero tail of the one
+    before) and unpermuted. Reference: ``_by_scheme_reference``.
     """
     out_dtype = x.dtype if out_dtype is None else out_dtype
+    _check_choice(launch, LAUNCHES, "launch")
+    _check_choice(epilogue, EPILOGUES, "epilogue")
     e = int(group_sizes.shape[0])
     if sorted(ex for _, experts in parts for ex in experts) != list(range(e)):
         raise ValueError(f"parts: their experts must partition range({e})")
     if len(parts) == 1:
         return grouped_matmul(x, parts[0][0], group_sizes, out_dtype=out_dtype,
-                              precision=precision, impl=impl)
+                              precision=precision, impl=impl, epilogue=epilogue)
     impl = get_kernel_mode() if impl is None else _check_choice(impl, IMPLS, "impl")
     on_kernel = impl in ("kernel", "interpret") or (impl == "auto"
                                                     and jax.default_backend() == "gpu")
     if not on_kernel or not all(_kernel_applies(x, w, out_dtype, precision) for w, _ in parts):
-        return _by_scheme_reference(x, parts, group_sizes, out_dtype)
+        return _by_scheme_reference(x, parts, group_sizes, out_dtype, epilogue)
+    if launch == "one":
+        from mxmoe_jax.kernels.pallas.mixed_gemm import mixed_grouped_matmul
+
+        assignment = [0] * e
+        for i, (_, experts) in enumerate(parts):
+            for ex in experts:
+                assignment[ex] = i
+        ws = [jax.lax.stop_gradient(pack(w) if isinstance(w, QuantizedWeight) else
+                                    w.astype(x.dtype) if isinstance(w, jax.Array) else w)
+              for w, _ in parts]
+        return mixed_grouped_matmul(x, ws, group_sizes, tuple(assignment),
+                                    interpret=impl == "interpret", out_dtype=out_dtype,
+                                    epilogue=epilogue)
     m = x.shape[0]
     order = [ex for _, experts in parts for ex in experts]
     perm = None
@@ -335,7 +369,7 @@ def grouped_matmul_by_scheme(x: jax.Array, parts, group_sizes: jax.Array, *, out
     for w, experts in parts:
         gs = group_sizes[np.asarray(experts)]
         y = grouped_matmul(jax.lax.dynamic_slice_in_dim(x, off, m), w, gs, out_dtype=out_dtype,
-                           precision=precision, impl=impl)  # [M, N]
+                           precision=precision, impl=impl, epilogue=epilogue)  # [M, N]
         if out is None:
             out = jnp.zeros((2 * m, y.shape[-1]), y.dtype)
         out = jax.lax.dynamic_update_slice_in_dim(out, y, off, 0)
@@ -407,23 +441,28 @@ def _kernel_matmul_bwd(out_dtype, interpret, bwd, res, dy):
 _kernel_matmul.defvjp(_kernel_matmul_fwd, _kernel_matmul_bwd)
 
 
-def _kernel_quantized(x, w: QuantizedWeight | PackedWeight, group_sizes, out_dtype, interpret):
+def _kernel_quantized(x, w: QuantizedWeight | PackedWeight, group_sizes, out_dtype, interpret,
+                      epilogue="none"):
     from mxmoe_jax.kernels.pallas import grouped_gemm
 
     packed = pack(w) if isinstance(w, QuantizedWeight) else w
     return grouped_gemm.gmm(x, jax.lax.stop_gradient(packed), group_sizes, interpret=interpret,
-                            out_dtype=out_dtype)
+                            out_dtype=out_dtype, epilogue=epilogue)
 
 
 def grouped_matmul(x: jax.Array, w: Weight, group_sizes: jax.Array, *, out_dtype=None,
-                   precision=None, impl: str | None = None) -> jax.Array:
+                   precision=None, impl: str | None = None, epilogue: str = "none") -> jax.Array:
     """``x [M, K]`` rows grouped by expert times ``w`` (``[E, K, N]`` of any format) -> ``[M, N]``.
 
     ``group_sizes [E]`` int32 = rows per expert, in order; their sum may be < M (the tail rows
     are padding and come out as zeros). ``impl`` (one of ``IMPLS``; default: the current
-    ``kernel_mode``) picks the path, as the module docstring says.
+    ``kernel_mode``) picks the path, as the module docstring says. ``epilogue="swiglu"``
+    (``apply_epilogue``): fused gate_up weights give ``silu(gate) * up`` ``[M, N / 2]``, in the
+    kernel's epilogue for quantized weights (arrays: the kernel, then the epilogue in XLA, which
+    keeps the VJP).
     """
     impl = get_kernel_mode() if impl is None else _check_choice(impl, IMPLS, "impl")
+    _check_choice(epilogue, EPILOGUES, "epilogue")
     _check(x, w, group_sizes)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if impl == "kernel" and jax.default_backend() == "cpu":
@@ -434,7 +473,11 @@ def grouped_matmul(x: jax.Array, w: Weight, group_sizes: jax.Array, *, out_dtype
     if impl in ("kernel", "interpret") and _kernel_applies(x, w, out_dtype, precision):
         interpret = impl == "interpret"
         if isinstance(w, QuantizedWeight | PackedWeight):
-            return _kernel_quantized(x, w, group_sizes, jnp.dtype(out_dtype), interpret)
+            return _kernel_quantized(x, w, group_sizes, jnp.dtype(out_dtype), interpret, epilogue)
         w = w.astype(x.dtype) if w.dtype != x.dtype else w
+        if epilogue != "none":
+            y = _kernel_matmul(x, w, group_sizes, jnp.dtype(jnp.float32), interpret, _BWD.value)
+            return apply_epilogue(y, epilogue).astype(out_dtype)
         return _kernel_matmul(x, w, group_sizes, jnp.dtype(out_dtype), interpret, _BWD.value)
-    return grouped_matmul_reference(x, w, group_sizes, out_dtype=out_dtype, precision=precision)
+    return grouped_matmul_reference(x, w, group_sizes, out_dtype=out_dtype, precision=precision,
+                                    epilogue=epilogue)

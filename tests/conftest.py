@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import types
 from pathlib import Path
 
@@ -32,6 +33,20 @@ def require_shared(path: Path) -> Path:
 def interpret(request):
     """Pallas kernels run in interpret mode on the CPU; on a GPU both ways."""
     return request.param
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_code():
+    """Drop every compiled executable after each test module.
+
+    XLA keeps each executable's code in its own memory maps (about 3 on the CPU), and a Linux
+    process may hold ``vm.max_map_count`` maps (65530 by default): the whole suite in one process
+    compiled past that and segfaulted inside XLA's compiler (CI, 2026-12-01: maps grew ~1000 per
+    20 s). ``jax.clear_caches`` releases them; a later module recompiles what it uses.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -60,11 +60,13 @@ Block shapes are powers of two; ragged tails of M, N and K are masked loads/stor
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -89,20 +91,32 @@ def num_tiles_bound(m: int, e: int, bm: int) -> int:
     return m // bm + e + 1
 
 
-def make_tiles(group_sizes: jax.Array, m: int, bm: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def make_tiles(group_sizes: jax.Array, m: int, bm: int, *, experts=None, rest: bool = True,
+               with_count: bool = False):
     """Tile table (expert, first row, end row), each int32 ``[num_tiles_bound]``, heaviest first.
 
     Order: all full tiles (expert order), then the partial last tiles, then padding (``first ==
     end``). Expert ``E`` (one past the last) marks tiles of rows past ``sum(group_sizes)``, which
     store zeros. Built from cumulative sums and one ``[tiles, E]`` comparison (no sort, no
     search loop), so XLA fuses it into a few small kernels.
+
+    ``experts`` (static, ascending): tile only these experts' rows (one scheme of a mixed layer);
+    tile experts are then indices into ``experts`` (``len(experts)`` for the rest rows), rows stay
+    those of the whole sorted ``[M]``. ``rest=False``: no tiles for rows past the sum.
+    ``with_count``: also return the number of non-padding tiles (a traced scalar).
     """
-    e = group_sizes.shape[0]
     gs = group_sizes.astype(jnp.int32)
-    rest = jnp.maximum(m - jnp.sum(gs), 0)
-    gs = jnp.concatenate([gs, rest[None]])  # [E + 1]
     ends = jnp.cumsum(gs)
     starts = ends - gs
+    if experts is not None:
+        idx = np.asarray(experts, np.int32)
+        gs, starts, ends = gs[idx], starts[idx], ends[idx]
+    e = gs.shape[0]
+    total = jnp.sum(group_sizes.astype(jnp.int32))
+    rest_rows = jnp.maximum(m - total, 0) if rest else jnp.zeros((), jnp.int32)
+    gs = jnp.concatenate([gs, rest_rows[None]])  # [e + 1]: the pseudo-expert e
+    starts = jnp.concatenate([starts, total[None]])
+    ends = jnp.concatenate([ends, (total + rest_rows)[None]])
     full = gs // bm
     part = (gs % bm > 0).astype(jnp.int32)
     cf = jnp.cumsum(full)  # inclusive
@@ -112,14 +126,15 @@ def make_tiles(group_sizes: jax.Array, m: int, bm: int) -> tuple[jax.Array, jax.
     j = jnp.arange(num_tiles_bound(m, e, bm), dtype=jnp.int32)
     is_full = j < n_full
     jj = jnp.where(is_full, j, j - n_full)
-    cum = jnp.where(is_full[:, None], cf[None, :], cp[None, :])  # [T, E + 1]
+    cum = jnp.where(is_full[:, None], cf[None, :], cp[None, :])  # [T, e + 1]
     expert = jnp.sum((cum <= jj[:, None]).astype(jnp.int32), axis=1)
     valid = j < n_full + n_part
     ex = jnp.minimum(expert, e)
     local = jj - (cf[ex] - full[ex])
     row0 = jnp.where(is_full, starts[ex] + local * bm, starts[ex] + full[ex] * bm)
     row1 = jnp.where(is_full, row0 + bm, ends[ex])
-    return ex, jnp.where(valid, row0, 0), jnp.where(valid, row1, 0)
+    table = (ex, jnp.where(valid, row0, 0), jnp.where(valid, row1, 0))
+    return (*table, n_full + n_part) if with_count else table
 
 
 def _tile_table_kernel(
@@ -273,9 +288,9 @@ def _mask2(rows, cols):
     return rows[:, None] & cols[None, :]
 
 
-def _decode_pid(n_blocks: int, splits: int, n_tiles: int, group_m: int):
-    """Program id -> (tile, column block, split): split fastest, then see ``TileConfig.group_m``."""
-    pid = pl.program_id(0)
+def _decode_pid(pid, n_blocks: int, splits: int, n_tiles, group_m: int):
+    """Program index -> (tile, column block, split): split fastest, then see
+    ``TileConfig.group_m`` (``n_tiles`` may be traced: the valid tiles of a mixed launch)."""
     s = pid % splits
     rest = pid // splits
     if group_m == 1:
@@ -297,188 +312,249 @@ def _store(o_ref, acc, s, r0, rows_ok, n0, bn, cols_ok, splits):
                     acc.astype(o_ref.dtype), mask=mask)
 
 
-def _gmm_wonly_kernel(
-    # inputs
-    tile_expert_ref, tile_row0_ref, tile_row1_ref, x_ref, w_ref, scale_ref, offset_ref,
-    # outputs
-    o_ref,
-    *, scheme: QScheme, cfg: TileConfig, k: int, n: int, e: int, n_blocks: int, steps: int,
-    step_k: int, k_exact: bool, n_exact: bool, interpret: bool, w_kmajor: bool = False,
-):
-    """bf16/f16 and weight-only (w8/w4/w3/w2 a16) body; see the module docstring.
+def _wonly_acc(x_ref, w_ref, scale_ref, offset_ref, *, el, r0, rows_ok, c0, offs, s,
+               scheme: QScheme, cfg: TileConfig, k: int, n: int, steps: int, step_k: int,
+               k_exact: bool, n_exact: bool, interpret: bool, w_kmajor: bool = False):
+    """bf16/f16 and weight-only (w8/w4/w3/w2 a16) tile: f32 ``[bm, bn]`` accumulators of rows
+    ``r0 + [0, bm)`` (``rows_ok``) times expert ``el``'s columns ``off + c0 + [0, bn)``, one per
+    ``off`` in ``offs`` (two for a fused gate_up: the gate and the up half), K split ``s``.
 
-    ``k_exact``: every step of every split lies inside K (no K masks); ``n_exact``: N is a
-    multiple of ``bn`` (no column masks on loads); ``w_kmajor``: bf16/f16 weights arrive as
-    ``[E, N, K]`` (``gmm(..., transpose_w=True)``).
+    ``n``: the columns of one part (``c0 + [0, bn)`` is masked to it); ``k_exact``: every step of
+    every split lies inside K (no K masks); ``n_exact``: ``n`` is a multiple of ``bn`` (no column
+    masks on loads); ``w_kmajor``: bf16/f16 weights arrive as ``[E, N, K]``. The x tiles of a step
+    are loaded once for all parts.
     """
-    t, j, s = _decode_pid(n_blocks, cfg.split_k, tile_expert_ref.shape[0], cfg.group_m)
-    ex = tile_expert_ref[t]
-    r0 = tile_row0_ref[t]
-    r1 = tile_row1_ref[t]
     bm, bn = cfg.bm, cfg.bn
-    n0 = j * bn
+    cols_ok = (c0 + jnp.arange(bn)) < n
+    cols_ld = None if n_exact else cols_ok  # column mask of loads
+    quant = scheme.w_bits != 16
+    bits = packing.storage_bits(scheme) if quant else 16
+    v = 8 // bits if quant else 1
+    grouped = quant and scheme.group_size != -1
+    sub = step_k // v  # K rows of one slice
+    # sub-byte codes with bf16 activations unpack as 128 + u (see _unpack_bf16)
+    magic = quant and bits < 8 and x_ref.dtype == jnp.bfloat16
+    ubias = packing.code_bias(scheme) + (_BF16_128 if magic else 0)
+    swap = cfg.swap_ab
+    acc_shape, row, col = _orient(bm, bn, swap)
+    n0s = tuple(off + c0 for off in offs)
 
-    @pl.when(r1 > r0)
-    def _():
-        rows_ok = (r0 + jnp.arange(bm)) < r1
-        cols = n0 + jnp.arange(bn)
-        cols_ok = cols < n
-        cols_ld = None if n_exact else cols_ok  # column mask of loads
-        el = jnp.minimum(ex, e - 1)  # pseudo-expert E (zero rows) loads expert E-1, then zeroes
-        quant = scheme.w_bits != 16
-        bits = packing.storage_bits(scheme) if quant else 16
-        v = 8 // bits if quant else 1
-        grouped = quant and scheme.group_size != -1
-        sub = step_k // v  # K rows of one slice
-        # sub-byte codes with bf16 activations unpack as 128 + u (see _unpack_bf16)
-        magic = quant and bits < 8 and x_ref.dtype == jnp.bfloat16
-        ubias = packing.code_bias(scheme) + (_BF16_128 if magic else 0)
-        swap = cfg.swap_ab
-        acc_shape, row, col = _orient(bm, bn, swap)
+    def load_x(k0, width):
+        ks = None if k_exact else (k0 + jnp.arange(width)) < k
+        return _load(x_ref.at[pl.ds(r0, bm), pl.ds(k0, width)], _mask2(rows_ok, ks), 0.0)
 
-        def load_x(k0):
-            ks = None if k_exact else (k0 + jnp.arange(sub)) < k
-            return _load(x_ref.at[pl.ds(r0, bm), pl.ds(k0, sub)], _mask2(rows_ok, ks), 0.0)
+    def load_vec(ref, g, n0):
+        return _load(ref.at[el, jnp.int32(g), pl.ds(n0, bn)], cols_ld, 0.0).astype(jnp.float32)
 
-        def load_vec(ref, g):
-            return _load(ref.at[el, jnp.int32(g), pl.ds(n0, bn)], cols_ld, 0.0).astype(jnp.float32)
+    def load_packed(i, n0):
+        """Packed codes ``[bn, sub]`` (K-major) of step ``i`` of this split."""
+        step = s * steps + i
+        # packed bytes along K of this step
+        ok = None if k_exact else (step * sub + jnp.arange(sub)) < w_ref.shape[2]
+        return _load(w_ref.at[el, pl.ds(n0, bn), pl.ds(step * sub, sub)], _mask2(cols_ld, ok), 0)
 
-        def load_packed(i):
-            """Packed codes ``[bn, sub]`` (K-major) of step ``i`` of this split."""
-            step = s * steps + i
-            # packed bytes along K of this step
-            ok = None if k_exact else (step * sub + jnp.arange(sub)) < w_ref.shape[2]
-            return _load(w_ref.at[el, pl.ds(n0, bn), pl.ds(step * sub, sub)],
-                         _mask2(cols_ld, ok), 0)
+    def scale_offset(g, n0):
+        sc = load_vec(scale_ref, g, n0)
+        z = -ubias * sc
+        if offset_ref is not None:
+            z = z + load_vec(offset_ref, g, n0)
+        return sc, z
 
-        def body(i, carry):
-            acc, rs = carry
-            step = s * steps + i
-            k0 = step * step_k
-            if not quant:
-                ks = None if k_exact else (k0 + jnp.arange(step_k)) < k
-                xa = load_x(k0)
+    def body(i, carry):
+        accs, rs = carry
+        step = s * steps + i
+        k0 = step * step_k
+        if not quant:
+            ks = None if k_exact else (k0 + jnp.arange(step_k)) < k
+            xa = load_x(k0, step_k)
+            out = []
+            for acc, n0 in zip(accs, n0s, strict=True):
                 if w_kmajor:  # [bn, step_k] tile of W^T's rows: a K-major right operand
                     wt = _load(w_ref.at[el, pl.ds(n0, bn), pl.ds(k0, step_k)],
                                _mask2(cols_ld, ks), 0.0)
-                    return acc + _mm(xa, wt.astype(xa.dtype), swap), rs
-                wb = _load(w_ref.at[el, pl.ds(k0, step_k), pl.ds(n0, bn)], _mask2(ks, cols_ld), 0.0)
+                    out.append(acc + _mm(xa, wt.astype(xa.dtype), swap))
+                    continue
+                wb = _load(w_ref.at[el, pl.ds(k0, step_k), pl.ds(n0, bn)], _mask2(ks, cols_ld),
+                           0.0)
                 if swap:
-                    return acc + _dot(wb.astype(xa.dtype).T, xa, trans_b=True), rs
-                return acc + _dot(xa, wb.astype(xa.dtype)), rs
-            # (a manual one-step prefetch of the codes, carried through the loop, measured
-            # slower on the H200: 107 -> 171 us at Qwen1.5 decode; see bench/NOTES.md)
-            p = load_packed(i)
-            part = jnp.zeros(acc_shape, jnp.float32)
-            xsum = jnp.zeros((bm,), jnp.float32)
-            for jj in range(v):
-                xa = load_x(k0 + jj * sub)
+                    out.append(acc + _dot(wb.astype(xa.dtype).T, xa, trans_b=True))
+                else:
+                    out.append(acc + _dot(xa, wb.astype(xa.dtype)))
+            return tuple(out), rs
+        # (a manual one-step prefetch of the codes, carried through the loop, measured
+        # slower on the H200: 107 -> 171 us at Qwen1.5 decode; see bench/NOTES.md)
+        ps = [load_packed(i, n0) for n0 in n0s]
+        parts = [jnp.zeros(acc_shape, jnp.float32) for _ in n0s]
+        xsum = jnp.zeros((bm,), jnp.float32)
+        for jj in range(v):
+            xa = load_x(k0 + jj * sub, sub)
+            for q, p in enumerate(ps):
                 if magic:
                     u = _unpack_bf16(p, jj, bits, interpret)
                 else:
                     u = (p if v == 1 else (p >> (jj * bits)) & ((1 << bits) - 1)).astype(xa.dtype)
-                part = part + _mm(xa, u, swap)  # u: [bn, sub], K-major
-                xsum = xsum + jnp.sum(xa.astype(jnp.float32), axis=1)
-            if grouped:
-                # clamp: a split's steps past K (x and codes masked to 0) read the last group
-                g = jnp.minimum(k0 // scheme.group_size, scale_ref.shape[1] - 1)
-                sc = load_vec(scale_ref, g)
-                z = -ubias * sc
-                if offset_ref is not None:
-                    z = z + load_vec(offset_ref, g)
-                return acc + part * col(sc) + row(xsum) * col(z), rs
-            return acc + part, rs + xsum
+                parts[q] = parts[q] + _mm(xa, u, swap)  # u: [bn, sub], K-major
+            xsum = xsum + jnp.sum(xa.astype(jnp.float32), axis=1)
+        if grouped:
+            # clamp: a split's steps past K (x and codes masked to 0) read the last group
+            g = jnp.minimum(k0 // scheme.group_size, scale_ref.shape[1] - 1)
+            out = []
+            for acc, part, n0 in zip(accs, parts, n0s, strict=True):
+                sc, z = scale_offset(g, n0)
+                out.append(acc + part * col(sc) + row(xsum) * col(z))
+            return tuple(out), rs
+        return tuple(a + p for a, p in zip(accs, parts, strict=True)), rs + xsum
 
-        init = (jnp.zeros(acc_shape, jnp.float32), jnp.zeros((bm,), jnp.float32))
-        acc, rs = lax.fori_loop(0, steps, body, init)
-        if quant and not grouped:
-            sc = load_vec(scale_ref, 0)
-            z = -ubias * sc
-            if offset_ref is not None:
-                z = z + load_vec(offset_ref, 0)
-            acc = acc * col(sc) + row(rs) * col(z)
-        if swap:
-            acc = acc.T
-        acc = jnp.where(ex < e, acc, 0.0)
-        _store(o_ref, acc, s, r0, rows_ok, n0, bn, cols_ok, cfg.split_k)
+    init = (tuple(jnp.zeros(acc_shape, jnp.float32) for _ in n0s), jnp.zeros((bm,), jnp.float32))
+    accs, rs = lax.fori_loop(0, steps, body, init)
+    if quant and not grouped:
+        out = []
+        for acc, n0 in zip(accs, n0s, strict=True):
+            sc, z = scale_offset(0, n0)
+            out.append(acc * col(sc) + row(rs) * col(z))
+        accs = tuple(out)
+    return tuple(a.T if swap else a for a in accs)
 
 
-def _gmm_wa_kernel(
-    # inputs
-    tile_expert_ref, tile_row0_ref, tile_row1_ref, xq_ref, xs_ref, w_ref, ws_ref,
-    # outputs
-    o_ref,
-    *, scheme: QScheme, cfg: TileConfig, k: int, n: int, e: int, n_blocks: int, steps: int,
-    step_k: int, k_exact: bool, n_exact: bool, interpret: bool,
-):
-    """Weight-activation body (int8 MMA for w8a8/w4a8/w4a4, fp8 MMA for e4m3)."""
-    t, j, s = _decode_pid(n_blocks, cfg.split_k, tile_expert_ref.shape[0], cfg.group_m)
-    ex = tile_expert_ref[t]
-    r0 = tile_row0_ref[t]
-    r1 = tile_row1_ref[t]
+def _wa_acc(xq_ref, xs_ref, w_ref, ws_ref, *, el, r0, rows_ok, c0, offs, s, scheme: QScheme,
+            cfg: TileConfig, k: int, n: int, steps: int, step_k: int, k_exact: bool,
+            n_exact: bool, interpret: bool):
+    """Weight-activation tile (int8 MMA for w8a8/w4a8/w4a4, fp8 MMA for e4m3): as
+    ``_wonly_acc``, from activation codes ``xq`` and per-token (per K-group) scales ``xs``."""
     bm, bn = cfg.bm, cfg.bn
-    n0 = j * bn
+    cols_ld = None if n_exact else (c0 + jnp.arange(bn)) < n
+    bits = packing.storage_bits(scheme)
+    v = 8 // bits
+    sub = step_k // v
+    grouped = scheme.group_size != -1
+    acc_dtype = jnp.float32 if (scheme.fp8 or grouped) else jnp.int32
+    part_dtype = jnp.float32 if scheme.fp8 else jnp.int32
+    kw = w_ref.shape[2]  # packed K columns
+    swap = cfg.swap_ab
+    acc_shape, row, col = _orient(bm, bn, swap)
+    n0s = tuple(off + c0 for off in offs)
 
-    @pl.when(r1 > r0)
-    def _():
-        rows_ok = (r0 + jnp.arange(bm)) < r1
-        cols_ok = (n0 + jnp.arange(bn)) < n
-        cols_ld = None if n_exact else cols_ok
-        el = jnp.minimum(ex, e - 1)
-        bits = packing.storage_bits(scheme)
-        v = 8 // bits
-        sub = step_k // v
-        grouped = scheme.group_size != -1
-        acc_dtype = jnp.float32 if (scheme.fp8 or grouped) else jnp.int32
-        part_dtype = jnp.float32 if scheme.fp8 else jnp.int32
-        kw = w_ref.shape[2]  # packed K columns
-        swap = cfg.swap_ab
-        acc_shape, row, col = _orient(bm, bn, swap)
+    fp8_direct = xq_ref.dtype == jnp.float8_e4m3fn  # else fp8 arrives as int8 bits
+    other = None if fp8_direct else 0  # masked lanes only reach masked rows/cols
 
-        fp8_direct = xq_ref.dtype == jnp.float8_e4m3fn  # else fp8 arrives as int8 bits
-        other = None if fp8_direct else 0  # masked lanes only reach masked rows/cols
+    def load_packed(i, n0):
+        step = s * steps + i
+        ok = None if k_exact else (step * sub + jnp.arange(sub)) < kw
+        return _load(w_ref.at[el, pl.ds(n0, bn), pl.ds(step * sub, sub)], _mask2(cols_ld, ok),
+                     other)
 
-        def load_packed(i):
-            step = s * steps + i
-            ok = None if k_exact else (step * sub + jnp.arange(sub)) < kw
-            return _load(w_ref.at[el, pl.ds(n0, bn), pl.ds(step * sub, sub)],
-                         _mask2(cols_ld, ok), other)
+    def w_scale(g, n0):
+        return _load(ws_ref.at[el, g, pl.ds(n0, bn)], cols_ld, 0.0).astype(jnp.float32)
 
-        def body(i, acc):
-            step = s * steps + i
-            k0 = step * step_k
-            p = load_packed(i)
-            part = jnp.zeros(acc_shape, part_dtype)
-            for jj in range(v):
-                ks = None if k_exact else (k0 + jj * sub + jnp.arange(sub)) < k
-                xa = _load(xq_ref.at[pl.ds(r0, bm), pl.ds(k0 + jj * sub, sub)],
-                           _mask2(rows_ok, ks), other)
+    def body(i, accs):
+        step = s * steps + i
+        k0 = step * step_k
+        ps = [load_packed(i, n0) for n0 in n0s]
+        parts = [jnp.zeros(acc_shape, part_dtype) for _ in n0s]
+        for jj in range(v):
+            ks = None if k_exact else (k0 + jj * sub + jnp.arange(sub)) < k
+            xa = _load(xq_ref.at[pl.ds(r0, bm), pl.ds(k0 + jj * sub, sub)],
+                       _mask2(rows_ok, ks), other)
+            if scheme.fp8 and not fp8_direct:
+                xa = lax.bitcast_convert_type(xa, jnp.float8_e4m3fn)
+            for q, p in enumerate(ps):
                 if scheme.fp8:
-                    if not fp8_direct:
-                        xa = lax.bitcast_convert_type(xa, jnp.float8_e4m3fn)
                     wq = p if fp8_direct else lax.bitcast_convert_type(p, jnp.float8_e4m3fn)
                 elif v == 1:
                     wq = p
                 else:
                     wq = _unpack_nibble_i8(p, jj, interpret)  # signed codes from u = code + 8
-                part = part + _mm(xa, wq, swap)
-            if grouped:
-                g = jnp.minimum(k0 // scheme.group_size, ws_ref.shape[1] - 1)
-                xsc = plgpu.load(xs_ref.at[pl.ds(r0, bm), g], mask=rows_ok, other=0.0)
-                wsc = _load(ws_ref.at[el, g, pl.ds(n0, bn)], cols_ld, 0.0).astype(jnp.float32)
-                return acc + part.astype(jnp.float32) * row(xsc) * col(wsc)
-            return acc + part.astype(acc_dtype)
+                parts[q] = parts[q] + _mm(xa, wq, swap)
+        if grouped:
+            g = jnp.minimum(k0 // scheme.group_size, ws_ref.shape[1] - 1)
+            xsc = plgpu.load(xs_ref.at[pl.ds(r0, bm), g], mask=rows_ok, other=0.0)
+            return tuple(acc + part.astype(jnp.float32) * row(xsc) * col(w_scale(g, n0))
+                         for acc, part, n0 in zip(accs, parts, n0s, strict=True))
+        return tuple(acc + part.astype(acc_dtype) for acc, part in zip(accs, parts, strict=True))
 
-        acc = lax.fori_loop(0, steps, body, jnp.zeros(acc_shape, acc_dtype))
-        if not grouped:
-            xsc = plgpu.load(xs_ref.at[pl.ds(r0, bm), jnp.int32(0)], mask=rows_ok, other=0.0)
-            wsc = _load(ws_ref.at[el, jnp.int32(0), pl.ds(n0, bn)], cols_ld,
-                        0.0).astype(jnp.float32)
-            acc = acc.astype(jnp.float32) * row(xsc) * col(wsc)
-        if swap:
-            acc = acc.T
-        acc = jnp.where(ex < e, acc, 0.0)
-        _store(o_ref, acc, s, r0, rows_ok, n0, bn, cols_ok, cfg.split_k)
+    accs = lax.fori_loop(0, steps, body, tuple(jnp.zeros(acc_shape, acc_dtype) for _ in n0s))
+    if not grouped:
+        xsc = plgpu.load(xs_ref.at[pl.ds(r0, bm), jnp.int32(0)], mask=rows_ok, other=0.0)
+        accs = tuple(acc.astype(jnp.float32) * row(xsc) * col(w_scale(jnp.int32(0), n0))
+                     for acc, n0 in zip(accs, n0s, strict=True))
+    return tuple(a.T if swap else a for a in accs)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Segment:
+    """The static description of one group of tiles: one weight stack in one scheme.
+
+    ``gmm`` launches one segment; ``mixed_gemm`` launches several (one per scheme of a layer, the
+    shared experts) in one ``pallas_call``. ``refs`` names the positions of the segment's refs in
+    the kernel's flat list (``None``: absent): the tile table ``ex``/``r0``/``r1``, the input
+    ``x`` (activation codes for weight-activation schemes) and its scales ``xs``, the weights
+    ``w`` and their ``scale`` / ``offset``, and the output ``o``.
+    """
+
+    scheme: QScheme  # the kernel branch (W16A16 for bf16 weights, also dequantized ones)
+    cfg: TileConfig
+    k: int
+    n: int  # columns of the output (half of the weight's for gated)
+    e: int  # experts in the weight stack (tile expert ``e`` = rows past the sum: zeros)
+    n_blocks: int
+    steps: int
+    step_k: int
+    k_exact: bool
+    n_exact: bool
+    w_kmajor: bool = False
+    gated: bool = False  # gate_up weights [.., 2n]: store silu(x @ W[:, :n]) * (x @ W[:, n:])
+    refs: tuple[tuple[str, int | None], ...] = ()
+
+    def ref(self, refs, name):
+        i = dict(self.refs)[name]
+        return None if i is None else refs[i]
+
+
+def make_segment(scheme: QScheme, cfg: TileConfig, *, k: int, n: int, e: int,
+                 gated: bool = False, w_kmajor: bool = False, refs=()) -> Segment:
+    """A ``Segment`` with the derived static facts (steps, masks) of its shapes."""
+    step_k = _step_k(scheme, cfg)
+    kp = packing.padded_k(scheme, k) if scheme.w_bits != 16 else k
+    total_steps = -(-kp // step_k)
+    n_out = n // 2 if gated else n
+    return Segment(scheme=scheme, cfg=cfg, k=k, n=n_out, e=e, n_blocks=-(-n_out // cfg.bn),
+                   steps=-(-total_steps // cfg.split_k), step_k=step_k, w_kmajor=w_kmajor,
+                   gated=gated, refs=tuple(refs),
+                   **_exact(k, kp, n_out, step_k, total_steps, cfg))
+
+
+def run_tile(seg: Segment, refs, *, ex, r0, r1, j, s, splits: int, interpret: bool):
+    """One program of ``seg``: tile ``(ex, r0, r1)``, column block ``j``, K split ``s``."""
+    bm, bn = seg.cfg.bm, seg.cfg.bn
+
+    @pl.when(r1 > r0)
+    def _():
+        rows_ok = (r0 + jnp.arange(bm)) < r1
+        c0 = j * bn
+        el = jnp.minimum(ex, seg.e - 1)  # pseudo-expert E (zero rows) loads expert E-1, then zeroes
+        offs = (0, seg.n) if seg.gated else (0,)
+        kw = dict(el=el, r0=r0, rows_ok=rows_ok, c0=c0, offs=offs, s=s, scheme=seg.scheme,
+                  cfg=seg.cfg, k=seg.k, n=seg.n, steps=seg.steps, step_k=seg.step_k,
+                  k_exact=seg.k_exact, n_exact=seg.n_exact, interpret=interpret)
+        if seg.scheme.weight_only:
+            accs = _wonly_acc(seg.ref(refs, "x"), seg.ref(refs, "w"), seg.ref(refs, "scale"),
+                              seg.ref(refs, "offset"), w_kmajor=seg.w_kmajor, **kw)
+        else:
+            accs = _wa_acc(seg.ref(refs, "x"), seg.ref(refs, "xs"), seg.ref(refs, "w"),
+                           seg.ref(refs, "scale"), **kw)
+        acc = jax.nn.silu(accs[0]) * accs[1] if seg.gated else accs[0]
+        acc = jnp.where(ex < seg.e, acc, 0.0)
+        cols_ok = (c0 + jnp.arange(bn)) < seg.n
+        _store(seg.ref(refs, "o"), acc, s, r0, rows_ok, c0, bn, cols_ok, splits)
+
+
+def _gmm_kernel(*refs, seg: Segment, interpret: bool):
+    """The one-segment launch: program id -> (tile, column block, split) -> ``run_tile``."""
+    ex_ref, r0_ref, r1_ref = (seg.ref(refs, name) for name in ("ex", "r0", "r1"))
+    t, j, s = _decode_pid(pl.program_id(0), seg.n_blocks, seg.cfg.split_k, ex_ref.shape[0],
+                          seg.cfg.group_m)
+    run_tile(seg, refs, ex=ex_ref[t], r0=r0_ref[t], r1=r1_ref[t], j=j, s=s,
+             splits=seg.cfg.split_k, interpret=interpret)
 
 
 def _dequant_kernel(
@@ -513,6 +589,17 @@ def _dequant_kernel(
         ks = c * packing.CHUNK + jj * sub + jnp.arange(sub)
         plgpu.store(o_ref.at[ex, pl.ds(c * packing.CHUNK + jj * sub, sub), pl.ds(n0, bn)],
                     wv.astype(o_ref.dtype), mask=(ks < k)[:, None] & cols_ok[None, :])
+
+
+def _drop_arg(kernel, index):
+    """Kernel wrapper that takes one ref fewer and passes None in its place."""
+
+    def wrapped(*refs):
+        refs = list(refs)
+        refs.insert(index, None)
+        return kernel(*refs)
+
+    return wrapped
 
 
 @functools.partial(jax.jit, static_argnames=("scheme", "k", "n", "dtype", "interpret"))
@@ -585,66 +672,46 @@ def _launch(kernel, args, *, out_m, n, cfg, n_tiles, n_blocks, out_dtype, interp
     return out
 
 
+def _flat_args(named):
+    """``[(name, array | None)]`` -> (the arrays, the ``Segment.refs`` of their positions)."""
+    arrays, refs = [], []
+    for name, a in named:
+        refs.append((name, None if a is None else len(arrays)))
+        if a is not None:
+            arrays.append(a)
+    return arrays, refs
+
+
 @functools.partial(jax.jit, static_argnames=("scheme", "cfg", "interpret", "out_dtype",
-                                             "w_kmajor"))
+                                             "w_kmajor", "gated"))
 def _gmm_wonly(x, w, scale, offset, group_sizes, *, scheme, cfg, interpret, out_dtype,
-               w_kmajor=False):
+               w_kmajor=False, gated=False):
     m, k = x.shape
     e = group_sizes.shape[0]
     # bf16 [E, K, N] (or [E, N, K] when w_kmajor); codes [E, N, Kp/v]
     n = w.shape[1] if (scale is not None or w_kmajor) else w.shape[-1]
-    step_k = _step_k(scheme, cfg)
-    kp = packing.padded_k(scheme, k) if scheme.w_bits != 16 else k
-    total_steps = -(-kp // step_k)
-    steps = -(-total_steps // cfg.split_k)
-    n_blocks = -(-n // cfg.bn)
     tiles = tile_table(group_sizes, m, cfg.bm, interpret=interpret)
-    kernel = functools.partial(
-        _gmm_wonly_kernel, scheme=scheme, cfg=cfg, k=k, n=n, e=e, n_blocks=n_blocks,
-        steps=steps, step_k=step_k, interpret=interpret, w_kmajor=w_kmajor,
-        **_exact(k, kp, n, step_k, total_steps, cfg))
-    if offset is None:
-        kernel = _drop_arg(kernel, 6)
-        args = (*tiles, x, w, scale)
-    else:
-        args = (*tiles, x, w, scale, offset)
-    if scale is None:
-        kernel = _drop_arg(kernel, 5)
-        args = args[:5]
-    return _launch(kernel, args, out_m=m, n=n, cfg=cfg, n_tiles=tiles[0].shape[0],
-                   n_blocks=n_blocks, out_dtype=out_dtype, interpret=interpret,
-                   name=f"gmm_{scheme.name}")
+    arrays, refs = _flat_args([("ex", tiles[0]), ("r0", tiles[1]), ("r1", tiles[2]), ("x", x),
+                               ("xs", None), ("w", w), ("scale", scale), ("offset", offset)])
+    seg = make_segment(scheme, cfg, k=k, n=n, e=e, gated=gated, w_kmajor=w_kmajor,
+                       refs=[*refs, ("o", len(arrays))])
+    return _launch(functools.partial(_gmm_kernel, seg=seg, interpret=interpret), arrays,
+                   out_m=m, n=seg.n, cfg=cfg, n_tiles=tiles[0].shape[0], n_blocks=seg.n_blocks,
+                   out_dtype=out_dtype, interpret=interpret, name=f"gmm_{scheme.name}")
 
 
-@functools.partial(jax.jit, static_argnames=("scheme", "cfg", "interpret", "out_dtype"))
-def _gmm_wa(xq, xs, w, ws, group_sizes, *, scheme, cfg, interpret, out_dtype):
+@functools.partial(jax.jit, static_argnames=("scheme", "cfg", "interpret", "out_dtype", "gated"))
+def _gmm_wa(xq, xs, w, ws, group_sizes, *, scheme, cfg, interpret, out_dtype, gated=False):
     m, k = xq.shape
     e = group_sizes.shape[0]
-    n = w.shape[1]
-    step_k = _step_k(scheme, cfg)
-    kp = packing.padded_k(scheme, k)
-    total_steps = -(-kp // step_k)
-    steps = -(-total_steps // cfg.split_k)
-    n_blocks = -(-n // cfg.bn)
     tiles = tile_table(group_sizes, m, cfg.bm, interpret=interpret)
-    kernel = functools.partial(
-        _gmm_wa_kernel, scheme=scheme, cfg=cfg, k=k, n=n, e=e, n_blocks=n_blocks,
-        steps=steps, step_k=step_k, interpret=interpret,
-        **_exact(k, kp, n, step_k, total_steps, cfg))
-    return _launch(kernel, (*tiles, xq, xs, w, ws), out_m=m, n=n, cfg=cfg,
-                   n_tiles=tiles[0].shape[0], n_blocks=n_blocks, out_dtype=out_dtype,
-                   interpret=interpret, name=f"gmm_{scheme.name}")
-
-
-def _drop_arg(kernel, index):
-    """Kernel wrapper that takes one ref fewer and passes None in its place."""
-
-    def wrapped(*refs):
-        refs = list(refs)
-        refs.insert(index, None)
-        return kernel(*refs)
-
-    return wrapped
+    arrays, refs = _flat_args([("ex", tiles[0]), ("r0", tiles[1]), ("r1", tiles[2]),
+                               ("x", xq), ("xs", xs), ("w", w), ("scale", ws), ("offset", None)])
+    seg = make_segment(scheme, cfg, k=k, n=w.shape[1], e=e, gated=gated,
+                       refs=[*refs, ("o", len(arrays))])
+    return _launch(functools.partial(_gmm_kernel, seg=seg, interpret=interpret), arrays,
+                   out_m=m, n=seg.n, cfg=cfg, n_tiles=tiles[0].shape[0], n_blocks=seg.n_blocks,
+                   out_dtype=out_dtype, interpret=interpret, name=f"gmm_{scheme.name}")
 
 
 def _validate(x, w, group_sizes, scheme, transpose_w=False):
@@ -674,11 +741,14 @@ def _validate(x, w, group_sizes, scheme, transpose_w=False):
             raise ValueError(f"w: expected [E={e}, K={x.shape[1]}, N], got shape {w.shape}")
 
 
+EPILOGUES = ("none", "swiglu")
+
+
 def gmm(x: jax.Array, w: PackedWeight | jax.Array, group_sizes: jax.Array, *,
         scheme: QScheme | str | None = None, tile: TileConfig | None = None,
         interpret: bool = False, dequant_first: bool | None = None,
         tile_bf16: TileConfig | None = None, out_dtype=None,
-        transpose_w: bool = False) -> jax.Array:
+        transpose_w: bool = False, epilogue: str = "none") -> jax.Array:
     """Pallas grouped GEMM ``[M, K] x [E, K, N] -> [M, N]`` for any scheme (the kernel itself).
 
     ``w`` is a bf16/f16 array ``[E, K, N]`` (w16a16) or a ``PackedWeight``; ``scheme`` defaults to
@@ -689,6 +759,9 @@ def gmm(x: jax.Array, w: PackedWeight | jax.Array, group_sizes: jax.Array, *,
     (default ``x.dtype``; float32 keeps the f32 accumulator) is the dtype of the result.
     ``transpose_w=True`` (bf16/f16 only): ``w`` is ``[E, N, K]`` and the product uses each
     ``w[e].T``, read in place (the backward's ``dy @ w[e]^T`` without a transposed copy).
+    ``epilogue="swiglu"``: ``w`` is a fused gate_up ``[E, K, 2I]`` (gate columns, then up) and the
+    result is ``silu(x @ gate) * (x @ up)`` ``[M, I]``, computed in f32 in the tile's epilogue
+    (each program accumulates a gate and an up block of the same columns; no split-K).
     """
     if scheme is None:
         scheme = w.scheme if isinstance(w, PackedWeight) else W16A16
@@ -703,10 +776,18 @@ def gmm(x: jax.Array, w: PackedWeight | jax.Array, group_sizes: jax.Array, *,
     out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
     if out_dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
         raise ValueError(f"out_dtype: {out_dtype} must be bfloat16, float16 or float32")
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue: {epilogue!r} is not one of {EPILOGUES}")
+    gated = epilogue == "swiglu"
+    if gated and (n % 2 or transpose_w):
+        raise ValueError(f"epilogue: swiglu needs fused gate_up weights [E, K, 2I] (N={n}) and "
+                         "no transpose_w")
     if tile is None:
         tile = tuning.choose_tile(scheme, m=m, e=e, n=n, k=k)
+    if gated:
+        tile = dataclasses.replace(tile, split_k=1)  # silu needs the whole K sum
     if m == 0:
-        return jnp.zeros((0, n), out_dtype)
+        return jnp.zeros((0, n // 2 if gated else n), out_dtype)
     if scheme.weight_only:
         if isinstance(w, PackedWeight):
             if dequant_first is None:
@@ -716,12 +797,16 @@ def gmm(x: jax.Array, w: PackedWeight | jax.Array, group_sizes: jax.Array, *,
                                         dtype=x.dtype, interpret=interpret)
                 if tile_bf16 is None:
                     tile_bf16 = tuning.choose_tile(W16A16, m=m, e=e, n=n, k=k)
+                if gated:
+                    tile_bf16 = dataclasses.replace(tile_bf16, split_k=1)
                 return _gmm_wonly(x, wd, None, None, group_sizes, scheme=W16A16,
-                                  cfg=tile_bf16, interpret=interpret, out_dtype=out_dtype)
+                                  cfg=tile_bf16, interpret=interpret, out_dtype=out_dtype,
+                                  gated=gated)
             return _gmm_wonly(x, w.qweight, w.scale, w.offset, group_sizes, scheme=scheme,
-                              cfg=tile, interpret=interpret, out_dtype=out_dtype)
+                              cfg=tile, interpret=interpret, out_dtype=out_dtype, gated=gated)
         return _gmm_wonly(x, w, None, None, group_sizes, scheme=scheme, cfg=tile,
-                          interpret=interpret, out_dtype=out_dtype, w_kmajor=transpose_w)
+                          interpret=interpret, out_dtype=out_dtype, w_kmajor=transpose_w,
+                          gated=gated)
     xq, xs = act_quant.quantize_activations(x, scheme, interpret=interpret)
     wq = w.qweight
     if scheme.fp8 and k % _step_k(scheme, tile):
@@ -730,7 +815,7 @@ def gmm(x: jax.Array, w: PackedWeight | jax.Array, group_sizes: jax.Array, *,
         xq = lax.bitcast_convert_type(xq, jnp.int8)
         wq = lax.bitcast_convert_type(wq, jnp.int8)
     return _gmm_wa(xq, xs, wq, w.scale, group_sizes, scheme=scheme, cfg=tile,
-                   interpret=interpret, out_dtype=out_dtype)
+                   interpret=interpret, out_dtype=out_dtype, gated=gated)
 
 
 def tile_flops(m: int, k: int, n: int) -> float:

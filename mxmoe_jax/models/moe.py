@@ -295,7 +295,7 @@ class SortedRows:
     def project(self, xs: tuple[jax.Array, ...], groups: tuple[SchemeGroup, ...],
                 fn: Callable) -> jax.Array:
         """``fn(xs, w, group_sizes) -> [M, N]`` for one group; several groups (one input): one
-        ``ops.grouped_matmul_by_scheme`` (a launch per scheme on the kernels)."""
+        ``ops.grouped_matmul_by_scheme`` (one mixed-precision launch on the kernels)."""
         if len(groups) == 1:
             return fn(xs, groups[0].w, self.group_sizes)
         if len(xs) > 1 and xs[0] is not xs[1]:
@@ -304,6 +304,13 @@ class SortedRows:
         return grouped_matmul_by_scheme(xs[0], [(g.w, g.experts) for g in groups],
                                         self.group_sizes, out_dtype=jnp.float32,
                                         precision=self.precision, impl=self.impl)
+
+    def gate_up_swiglu(self, x, groups: tuple[SchemeGroup, ...], out_dtype) -> jax.Array:
+        """``silu(x @ gate) * (x @ up)`` of fused gate_up groups in one call (on the kernels: the
+        SwiGLU in the GEMM's epilogue, every scheme group in one launch)."""
+        return grouped_matmul_by_scheme(x, [(g.w, g.experts) for g in groups], self.group_sizes,
+                                        out_dtype=out_dtype, precision=self.precision,
+                                        impl=self.impl, epilogue="swiglu")
 
 
 class PaddedRows:
@@ -375,11 +382,18 @@ def swiglu(x: jax.Array, weights: ExpertWeights, rows: Rows, *, down_signs=None,
                              "hook to a model with separate gate and up weights (the FP model)")
         return rows.matmul(xs[0], w, gs)
 
-    gu = rows.project((xg, xu), weights.gate_up, gate_up)  # [..., 2I] f32
-    half = gu.shape[-1] // 2
-    g, u = gu[..., :half], gu[..., half:]
-    h = rotate_down_input(jax.nn.silu(g) * u, down_signs)  # f32
-    h = h.astype(dtype)
+    fused = (isinstance(rows, SortedRows) and aq is None and hooks.capture is None
+             and not any(isinstance(grp.w, tuple) for grp in weights.gate_up))
+    if fused:  # SwiGLU in the gate_up GEMM's epilogue (same numbers: f32, one rounding)
+        h = rows.gate_up_swiglu(x, weights.gate_up, jnp.float32 if down_signs is not None
+                                else dtype)
+        h = rotate_down_input(h, down_signs).astype(dtype)
+    else:
+        gu = rows.project((xg, xu), weights.gate_up, gate_up)  # [..., 2I] f32
+        half = gu.shape[-1] // 2
+        g, u = gu[..., :half], gu[..., half:]
+        h = rotate_down_input(jax.nn.silu(g) * u, down_signs)  # f32
+        h = h.astype(dtype)
     hd = aq(h, "down", ex) if aq is not None else h
     y = rows.project((hd,), weights.down, lambda xs, w, gs: rows.matmul(xs[0], w, gs))
     if hooks.capture is not None:

@@ -1,0 +1,156 @@
+"""The one-launch mixed-precision grouped GEMM vs the reference: random assignments, all schemes.
+
+Interpret mode on the CPU (and compiled too on a GPU). Reference: ``ops._by_scheme_reference``
+(every stack dequantized by the quantization core, each row's activations fake-quantized with its
+expert's scheme, f32 ragged matmul); outputs start poisoned (NaN), so a row no program stores fails.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from mxmoe_jax.kernels.pallas import TileConfig
+from mxmoe_jax.kernels.pallas.mixed_gemm import (
+    Job,
+    LaunchConfig,
+    mixed_grouped_matmul,
+    mixed_launch,
+)
+
+from mxmoe_jax.ops import _by_scheme_reference, apply_epilogue, grouped_matmul_by_scheme
+from mxmoe_jax.quant import packing
+from mxmoe_jax.quant.rtn import quantize_rtn
+
+TOL = 8e-3  # relative Frobenius error of a bf16 output (tests/kernels/test_gmm.py's table)
+
+# every scheme a kernel runs (w16a16 = bf16 arrays)
+ALL_SCHEMES = ["w16a16", "w8a16_g-1_asym", "w4a16_g128_asym", "w3a16_g128_asym",
+               "w2a16_g128_asym", "w2a16_g-1_sym", "w8a8_g-1_sym", "w4a8_g-1_sym",
+               "w4a4_g-1_sym", "w4a4_g128_sym", "w8a8_g-1_fp8"]
+
+# (group sizes, M): empty experts, a one-token expert, rows past the sum; all rows in one expert;
+# one token per expert
+GROUPS = {
+    "mixed": ([0, 1, 37, 0, 5, 9, 3], 60),
+    "all_in_one": ([0, 0, 40, 0, 0, 0], 40),
+    "one_token": ([1, 1, 1, 1, 1, 1], 6),
+}
+SMALL = TileConfig(bm=16, bn=32, bk=32, split_k=1, num_warps=4, num_stages=2)
+WIDE = TileConfig(bm=32, bn=16, bk=64, split_k=1, num_warps=4, num_stages=2, swap_ab=True)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def random_layer(seed: int, groups: str, schemes, *, k: int = 256, n: int = 48):
+    """x, the stacks of a random assignment of experts to ``schemes``, parts, group sizes."""
+    rng = np.random.default_rng(seed)
+    gs, m = GROUPS[groups]
+    e = len(gs)
+    n_schemes = len(schemes)
+    assignment = np.concatenate([np.arange(n_schemes), rng.integers(0, n_schemes, e - n_schemes)])
+    rng.shuffle(assignment)
+    kx, kw = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
+    w = jax.random.normal(kw, (e, k, n), jnp.float32)
+    stacks, parts = [], []
+    for i, s in enumerate(schemes):
+        experts = [ex for ex in range(e) if assignment[ex] == i]
+        wi = w[np.asarray(experts)]
+        wi = wi.astype(jnp.bfloat16) if s == "w16a16" else packing.pack(quantize_rtn(wi, s))
+        stacks.append(wi)
+        parts.append((wi, experts))
+    return x, stacks, parts, jnp.asarray(gs, jnp.int32), tuple(int(a) for a in assignment)
+
+
+CASES = [  # (seed, groups, the mix's schemes, epilogue, tiles, launch): all schemes covered
+    (0, "mixed", ["w4a16_g128_asym", "w4a4_g128_sym", "w8a8_g-1_sym", "w2a16_g-1_sym"], "none",
+     SMALL, None),
+    (1, "mixed", ["w3a16_g128_asym", "w2a16_g128_asym", "w4a4_g-1_sym"], "swiglu", SMALL, None),
+    (2, "all_in_one", ["w16a16", "w4a8_g-1_sym"], "none", WIDE,
+     LaunchConfig(num_warps=4, num_stages=2, split_k=3)),
+    (3, "one_token", ["w8a16_g-1_asym", "w2a16_g-1_sym", "w16a16", "w4a16_g128_asym",
+                      "w8a8_g-1_fp8"], "none", SMALL,
+     LaunchConfig(num_warps=4, num_stages=2, split_k=2)),
+    (4, "one_token", ["w8a8_g-1_sym", "w8a8_g-1_fp8", "w4a4_g128_sym"], "swiglu", WIDE, None),
+]
+
+
+def test_cases_cover_every_scheme():
+    assert {s for case in CASES for s in case[2]} == set(ALL_SCHEMES)
+
+
+@pytest.mark.parametrize("seed,groups,schemes,epilogue,tile,launch", CASES,
+                         ids=[f"{c[1]}-{len(c[2])}schemes-{c[3]}-seed{c[0]}" for c in CASES])
+def test_mixed_equals_reference(seed, groups, schemes, epilogue, tile, launch, interpret):
+    x, stacks, parts, gs, assignment = random_layer(seed, groups, schemes)
+    out = mixed_grouped_matmul(x, stacks, gs, assignment, interpret=interpret, epilogue=epilogue,
+                               tiles={i: tile for i in range(len(schemes))}, launch=launch,
+                               poison=True)
+    ref = _by_scheme_reference(x, parts, gs, jnp.float32, epilogue)
+    assert out.shape == ref.shape and out.dtype == jnp.bfloat16
+    assert np.isfinite(np.asarray(out, np.float32)).all()  # every row stored
+    assert _rel(out, ref) < TOL
+    rest = int(np.sum(np.asarray(gs)))
+    np.testing.assert_array_equal(np.asarray(out[rest:], np.float32), 0.0)
+
+
+def test_dequant_first_and_two_jobs_in_one_launch(interpret):
+    """Weight-only stacks dequantized first; a second job (a shared expert: own x, own rows, own
+    output) in the same launch."""
+    x, stacks, parts, gs, assignment = random_layer(5, "mixed",
+        ["w4a4_g-1_sym", "w8a8_g-1_sym", "w4a16_g128_asym"])
+    xs = jax.random.normal(jax.random.key(9), (7, 256), jnp.float32).astype(jnp.bfloat16)
+    ws = packing.pack(quantize_rtn(jax.random.normal(jax.random.key(8), (1, 256, 48)),
+                                   "w4a16_g128_sym"))
+    jobs = [Job(x=x, weights_by_scheme=tuple(stacks), group_sizes=gs, assignment=assignment),
+            Job(x=xs, weights_by_scheme=(ws,), group_sizes=jnp.asarray([7], jnp.int32),
+                assignment=(0,))]
+    tiles = {(j, i): SMALL for j in range(2) for i in range(3)}
+    out, out_shared = mixed_launch(jobs, tiles=tiles, interpret=interpret, dequant_first=True,
+                                   epilogue="swiglu", poison=True)
+    assert _rel(out, _by_scheme_reference(x, parts, gs, jnp.float32, "swiglu")) < TOL
+    ref_shared = _by_scheme_reference(xs, [(ws, [0])], jnp.asarray([7], jnp.int32), jnp.float32,
+                                      "swiglu")
+    assert out_shared.shape == (7, 24) and _rel(out_shared, ref_shared) < TOL
+
+
+def test_ops_one_launch_equals_per_scheme_launches(interpret):
+    """``grouped_matmul_by_scheme``: the one-launch path and the per-scheme comparison agree."""
+    x, stacks, parts, gs, assignment = random_layer(6, "mixed",
+        ["w2a16_g128_asym", "w8a8_g-1_fp8", "w16a16"])
+    impl = "interpret" if interpret else "kernel"
+    one = grouped_matmul_by_scheme(x, parts, gs, impl=impl, launch="one")
+    per = grouped_matmul_by_scheme(x, parts, gs, impl=impl, launch="per_scheme")
+    ref = grouped_matmul_by_scheme(x, parts, gs, impl="reference")
+    assert _rel(one, ref) < TOL and _rel(per, ref) < TOL
+    assert _rel(one, per) < TOL
+
+
+def test_no_rows_gives_an_empty_result():
+    x, stacks, parts, gs, assignment = random_layer(7, "mixed", ["w16a16", "w8a8_g-1_sym"])
+    out = mixed_grouped_matmul(x[:0], stacks, jnp.zeros_like(gs), assignment, interpret=True)
+    assert out.shape == (0, 48)
+
+
+def test_apply_epilogue_is_silu_gate_times_up():
+    y = jax.random.normal(jax.random.key(0), (5, 8))
+    want = np.asarray(y[:, :4]) / (1 + np.exp(-np.asarray(y[:, :4]))) * np.asarray(y[:, 4:])
+    np.testing.assert_allclose(np.asarray(apply_epilogue(y, "swiglu")), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(assignment=(0, 0, 0, 0, 0, 0, 0)), "stacks .* experts but the assignment gives it"),
+    (dict(assignment=(0, 1)), "assignment: 2 entries for 7 experts"),
+    (dict(epilogue="gelu"), "epilogue"),
+])
+def test_bad_input_says_what_to_fix(bad, match):
+    x, stacks, parts, gs, assignment = random_layer(8, "mixed", ["w16a16", "w8a8_g-1_sym"])
+    kw = dict(assignment=assignment, epilogue="none") | bad
+    with pytest.raises(ValueError, match=match):
+        mixed_grouped_matmul(x, stacks, gs, kw["assignment"], interpret=True,
+                             epilogue=kw["epilogue"])
