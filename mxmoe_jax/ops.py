@@ -332,8 +332,7 @@ def grouped_matmul_by_scheme(x: jax.Array, parts, group_sizes: jax.Array, *, out
     _check_choice(launch, LAUNCHES, "launch")
     _check_choice(epilogue, EPILOGUES, "epilogue")
     e = int(group_sizes.shape[0])
-    if sorted(ex for _, experts in parts for ex in experts) != list(range(e)):
-        raise ValueError(f"parts: their experts must partition range({e})")
+    _check_parts(parts, group_sizes)
     if len(parts) == 1:
         return grouped_matmul(x, parts[0][0], group_sizes, out_dtype=out_dtype,
                               precision=precision, impl=impl, epilogue=epilogue)
@@ -343,18 +342,8 @@ def grouped_matmul_by_scheme(x: jax.Array, parts, group_sizes: jax.Array, *, out
     if not on_kernel or not all(_kernel_applies(x, w, out_dtype, precision) for w, _ in parts):
         return _by_scheme_reference(x, parts, group_sizes, out_dtype, epilogue)
     if launch == "one":
-        from mxmoe_jax.kernels.pallas.mixed_gemm import mixed_grouped_matmul
-
-        assignment = [0] * e
-        for i, (_, experts) in enumerate(parts):
-            for ex in experts:
-                assignment[ex] = i
-        ws = [jax.lax.stop_gradient(pack(w) if isinstance(w, QuantizedWeight) else
-                                    w.astype(x.dtype) if isinstance(w, jax.Array) else w)
-              for w, _ in parts]
-        return mixed_grouped_matmul(x, ws, group_sizes, tuple(assignment),
-                                    interpret=impl == "interpret", out_dtype=out_dtype,
-                                    epilogue=epilogue)
+        return _mixed(x.dtype, [(x, parts, group_sizes)], out_dtype, impl == "interpret",
+                      epilogue)[0]
     m = x.shape[0]
     order = [ex for _, experts in parts for ex in experts]
     perm = None
@@ -378,6 +367,51 @@ def grouped_matmul_by_scheme(x: jax.Array, parts, group_sizes: jax.Array, *, out
     if perm is not None:
         y = jnp.zeros_like(y).at[perm].set(y)
     return y
+
+
+def _mixed(dtype, calls, out_dtype, interpret, epilogue):
+    """``calls`` ``[(x, parts, group_sizes)]`` as the jobs of one ``mixed_launch`` (no gradient)."""
+    from mxmoe_jax.kernels.pallas.mixed_gemm import Job, mixed_launch  # lazy: Pallas when used
+
+    jobs = []
+    for x, parts, group_sizes in calls:
+        assignment = [0] * int(group_sizes.shape[0])
+        for i, (_, experts) in enumerate(parts):
+            for ex in experts:
+                assignment[ex] = i
+        ws = tuple(jax.lax.stop_gradient(pack(w) if isinstance(w, QuantizedWeight) else
+                                         w.astype(dtype) if isinstance(w, jax.Array) else w)
+                   for w, _ in parts)
+        jobs.append(Job(x=x, weights_by_scheme=ws, group_sizes=group_sizes,
+                        assignment=tuple(assignment)))
+    return mixed_launch(jobs, interpret=interpret, out_dtype=out_dtype, epilogue=epilogue)
+
+
+def grouped_matmuls(calls, *, out_dtype=None, precision=None, impl: str | None = None,
+                    epilogue: str = "none") -> list[jax.Array]:
+    """Several ``grouped_matmul_by_scheme`` calls ``[(x, parts, group_sizes)]`` (e.g. a layer's
+    routed experts and its shared expert): ONE mixed-precision launch on the kernel path when
+    every part of every call runs there (inputs of one dtype), else one call each."""
+    _check_choice(epilogue, EPILOGUES, "epilogue")
+    impl = get_kernel_mode() if impl is None else _check_choice(impl, IMPLS, "impl")
+    on_kernel = impl in ("kernel", "interpret") or (impl == "auto"
+                                                    and jax.default_backend() == "gpu")
+    dtype = calls[0][0].dtype
+    if (len(calls) > 1 and on_kernel and all(x.dtype == dtype for x, _, _ in calls)
+            and all(_kernel_applies(x, w, dtype if out_dtype is None else out_dtype, precision)
+                    for x, parts, _ in calls for w, _ in parts)):
+        for _, parts, group_sizes in calls:
+            _check_parts(parts, group_sizes)
+        return _mixed(dtype, calls, dtype if out_dtype is None else out_dtype,
+                      impl == "interpret", epilogue)
+    return [grouped_matmul_by_scheme(x, parts, gs, out_dtype=out_dtype, precision=precision,
+                                     impl=impl, epilogue=epilogue) for x, parts, gs in calls]
+
+
+def _check_parts(parts, group_sizes):
+    e = int(group_sizes.shape[0])
+    if sorted(ex for _, experts in parts for ex in experts) != list(range(e)):
+        raise ValueError(f"parts: their experts must partition range({e})")
 
 
 # ---------------------------------------------------------------------------------- kernel path

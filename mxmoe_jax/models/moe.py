@@ -66,6 +66,7 @@ from mxmoe_jax.ops import (
     expert_of_row,
     grouped_matmul,
     grouped_matmul_by_scheme,
+    grouped_matmuls,
     weight_scheme,
 )
 from mxmoe_jax.quant import hadamard
@@ -305,13 +306,6 @@ class SortedRows:
                                         self.group_sizes, out_dtype=jnp.float32,
                                         precision=self.precision, impl=self.impl)
 
-    def gate_up_swiglu(self, x, groups: tuple[SchemeGroup, ...], out_dtype) -> jax.Array:
-        """``silu(x @ gate) * (x @ up)`` of fused gate_up groups in one call (on the kernels: the
-        SwiGLU in the GEMM's epilogue, every scheme group in one launch)."""
-        return grouped_matmul_by_scheme(x, [(g.w, g.experts) for g in groups], self.group_sizes,
-                                        out_dtype=out_dtype, precision=self.precision,
-                                        impl=self.impl, epilogue="swiglu")
-
 
 class PaddedRows:
     """Rows padded per expert, ``[E, C, ·]`` (calibration's layout; f32, HIGHEST)."""
@@ -359,6 +353,35 @@ def rotate_down_input(h: jax.Array, down_signs: jax.Array | None) -> jax.Array:
     return hadamard.rotate_right(h.astype(jnp.float32), down_signs.astype(jnp.float32), jnp)
 
 
+def fusable(weights: ExpertWeights, hooks: Hooks | None) -> bool:
+    """Whether a stack runs the fused path: fused gate_up weights and no hooks (which need the
+    separate gate and up outputs)."""
+    hooks = hooks or Hooks()
+    return (hooks.act_quant is None and hooks.capture is None
+            and not any(isinstance(grp.w, tuple) for grp in weights.gate_up))
+
+
+def fused_swiglu(items, *, dtype) -> list[jax.Array]:
+    """SwiGLU stacks in the sorted layout with the SwiGLU in the gate_up GEMM's epilogue, several
+    stacks (``[(x, weights, rows, down_signs)]``, e.g. routed + shared experts) in one
+    ``ops.grouped_matmuls`` per projection (one mixed-precision launch on the kernels).
+
+    The same numbers as ``swiglu``'s unfused path: f32 ``silu(g) * u``, one rounding to ``dtype``
+    (f32 kept for the online rotation), f32 outputs.
+    """
+    rows0 = items[0][2]
+    rotated = any(signs is not None for *_, signs in items)
+    kw = dict(precision=rows0.precision, impl=rows0.impl)
+    hs = grouped_matmuls([(x, [(g.w, g.experts) for g in w.gate_up], rows.group_sizes)
+                          for x, w, rows, _ in items],
+                         out_dtype=jnp.float32 if rotated else dtype, epilogue="swiglu", **kw)
+    hs = [rotate_down_input(h, signs).astype(dtype)
+          for h, (*_, signs) in zip(hs, items, strict=True)]
+    return grouped_matmuls([(h, [(g.w, g.experts) for g in w.down], rows.group_sizes)
+                            for h, (_, w, rows, _) in zip(hs, items, strict=True)],
+                           out_dtype=jnp.float32, **kw)
+
+
 def swiglu(x: jax.Array, weights: ExpertWeights, rows: Rows, *, down_signs=None,
            hooks: Hooks | None = None, dtype=jnp.float32, capture_key: str = "routed"
            ) -> jax.Array:
@@ -382,18 +405,13 @@ def swiglu(x: jax.Array, weights: ExpertWeights, rows: Rows, *, down_signs=None,
                              "hook to a model with separate gate and up weights (the FP model)")
         return rows.matmul(xs[0], w, gs)
 
-    fused = (isinstance(rows, SortedRows) and aq is None and hooks.capture is None
-             and not any(isinstance(grp.w, tuple) for grp in weights.gate_up))
-    if fused:  # SwiGLU in the gate_up GEMM's epilogue (same numbers: f32, one rounding)
-        h = rows.gate_up_swiglu(x, weights.gate_up, jnp.float32 if down_signs is not None
-                                else dtype)
-        h = rotate_down_input(h, down_signs).astype(dtype)
-    else:
-        gu = rows.project((xg, xu), weights.gate_up, gate_up)  # [..., 2I] f32
-        half = gu.shape[-1] // 2
-        g, u = gu[..., :half], gu[..., half:]
-        h = rotate_down_input(jax.nn.silu(g) * u, down_signs)  # f32
-        h = h.astype(dtype)
+    if isinstance(rows, SortedRows) and fusable(weights, hooks):
+        return fused_swiglu([(x, weights, rows, down_signs)], dtype=dtype)[0]
+    gu = rows.project((xg, xu), weights.gate_up, gate_up)  # [..., 2I] f32
+    half = gu.shape[-1] // 2
+    g, u = gu[..., :half], gu[..., half:]
+    h = rotate_down_input(jax.nn.silu(g) * u, down_signs)  # f32
+    h = h.astype(dtype)
     hd = aq(h, "down", ex) if aq is not None else h
     y = rows.project((hd,), weights.down, lambda xs, w, gs: rows.matmul(xs[0], w, gs))
     if hooks.capture is not None:
@@ -543,12 +561,24 @@ def moe_forward(block: MoEBlock, x_td: jax.Array, *, layout: str = "sorted",
     idx, weight = route(block.router_logits(x_td), cfg)
     if cap is not None:
         cap.update(topk_idx=idx, topk_weight=weight)
+    has_shared = cfg.shared_intermediate_size > 0
     if layout == "sorted":
         dtype = block.dtype
         x_td = x_td.astype(dtype)
         d = dispatch(x_td, idx, cfg.num_experts)
         rows = SortedRows(d.group_sizes, d.x_sorted.shape[0],
                           precision=matmul_precision(dtype), impl=impl)
+        shared = block.shared.weights() if has_shared and shared is None else shared
+        if has_shared and fusable(routed, hooks) and fusable(shared, hooks):
+            # the shared expert as a second job of the routed experts' launches
+            shared_rows = SortedRows(jnp.asarray([x_td.shape[0]], jnp.int32), x_td.shape[0],
+                                     precision=rows.precision, impl=impl,
+                                     first_expert=cfg.num_experts)
+            y, ys = fused_swiglu([(d.x_sorted, routed, rows, signs_of(block.experts)),
+                                  (x_td, shared, shared_rows, signs_of(block.shared))],
+                                 dtype=dtype)
+            out = combine(y, d, weight)
+            return out + block.shared_weight(x_td)[:, None] * ys
         y = swiglu(d.x_sorted, routed, rows, down_signs=signs_of(block.experts), hooks=hooks,
                    dtype=dtype)
         out = combine(y, d, weight)
@@ -566,7 +596,7 @@ def moe_forward(block: MoEBlock, x_td: jax.Array, *, layout: str = "sorted",
             cap["groups"] = groups
     else:
         raise ValueError(f"layout: {layout!r} is not 'sorted' or 'padded'")
-    if cfg.shared_intermediate_size > 0:
+    if has_shared:
         sw = block.shared_weight(x_td)  # [T] f32
         ys = dense_swiglu(block.shared, x_td, dtype=dtype, hooks=hooks, capture_key="shared",
                           weights=shared, expert_index=cfg.num_experts, impl=impl)

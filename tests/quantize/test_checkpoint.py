@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -107,8 +108,9 @@ def test_stored_bytes_equal_the_predicted_bits(model_dir, tmp_path):
 
 
 def test_kernel_path_in_interpret_mode_matches_the_reference(model_dir, tmp_path):
-    """bf16 QMODEL: each MoE block on one Pallas launch per scheme group (interpret mode) vs the
-    reference, on the same block inputs.
+    """bf16 QMODEL: each MoE block on the one-launch mixed-precision kernel (interpret mode: one
+    launch per projection for all scheme groups and the shared expert, SwiGLU in gate_up's
+    epilogue) vs the reference, on the same block inputs.
 
     Compared block by block, not on the logits: in this random tiny model a one-bf16-ulp
     difference of an output element (the kernel and the f32 reference sum in another order)
@@ -134,7 +136,11 @@ def test_kernel_path_in_interpret_mode_matches_the_reference(model_dir, tmp_path
             ref = np.asarray(jax.jit(lambda v, mlp=mlp: mlp(v))(x), np.float64)
         with kernel_mode("interpret"):
             fn = jax.jit(lambda v, mlp=mlp: mlp(v))
-            assert "pallas_call" in str(jax.make_jaxpr(fn)(x)), "the kernel path was not taken"
+            jaxpr = str(jax.make_jaxpr(fn)(x))
+            assert "pallas_call" in jaxpr, "the kernel path was not taken"
+            # gate_up and down: one mixed launch each (shared expert included), no other GEMM
+            assert len(re.findall(r"name=mixed_gmm_", jaxpr)) == 2, "not one launch per projection"
+            assert not re.findall(r"name=gmm_w", jaxpr)
             got = np.asarray(fn(x), np.float64)
         rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
         assert rel < 2e-2, (i, rel)  # bf16 activations and outputs: rounding differences only
