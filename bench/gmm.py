@@ -3,7 +3,7 @@
 ``python -m bench.gmm [--models ...] [--tokens 32 1024 8192] [--schemes ...]``. For each model shape
 of ``../shared/BENCHMARKS.md`` (one MoE layer's fused gate+up GEMM ``[T, K] x [E, K, N]``, ``T =
 tokens * top_k``) and token count: Zipf-like routing with some empty experts, random normal data;
-per scheme the kernel's device time from ``jax.profiler`` (``bench.timing``), a correctness check on
+per scheme the kernel's device time from ``jax.profiler`` (``perf.timing``), a correctness check on
 fresh data with the output memory poisoned first (NaN buffer freed just before the call, so an
 unwritten tile shows as NaN), and the ratio to the floor ``max(weight bytes of active experts / 4.3
 TB/s, FLOPs / rate)`` with rate 790 TFLOP/s (bf16, weight-only) or 1580 TOP/s (int8, fp8). Peers:
@@ -102,7 +102,7 @@ def _jax_mosaic_ragged_dot(x, w_bf16, gs, reps):
     """Best device time of ``jax.experimental.pallas.ops.gpu.ragged_dot_mgpu`` or (None, why)."""
     import jax
 
-    from bench.timing import device_time_us
+    from mxmoe_jax.perf.timing import device_time_us
 
     try:
         from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
@@ -136,8 +136,8 @@ def run(models, tokens_list, schemes, *, reps: int = 20, sweep: bool = False,
     from jax import lax
     from mxmoe_jax.kernels.pallas import choose_tile, gmm
 
-    from bench.timing import device_time_us
     from mxmoe_jax.ops import grouped_matmul_reference
+    from mxmoe_jax.perf.timing import device_time_us
     from mxmoe_jax.quant import packing
     from mxmoe_jax.quant.rtn import quantize_rtn
     from mxmoe_jax.quant.scheme import QScheme

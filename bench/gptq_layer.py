@@ -12,7 +12,7 @@ many tokens, some few), random normal weights and tokens. Phases, each timed sep
 
 Times are host wall-clock around ``jax.block_until_ready`` after a warm-up call that compiles
 (compile excluded; a multi-second job, so dispatch overhead is negligible). On a GPU the solve is
-also timed with ``jax.profiler`` (sum of kernel events, ``bench.timing``). As a sanity check the
+also timed with ``jax.profiler`` (sum of kernel events, ``perf.timing``). As a sanity check the
 script prints the layer-output error of GPTQ and RTN on held-out tokens (GPTQ should be lower).
 ``--small`` runs a CPU-sized problem (8 experts, K = 256, N = 192, 8 x 256 tokens).
 The last stdout line is JSON.
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         row = {"scheme": name, "hessian_s": t_hess, "gptq_s": t, "layer_s": t_hess + t}
         if dev.platform == "gpu":
             try:
-                from bench.timing import device_time_us
+                from mxmoe_jax.perf.timing import device_time_us
 
                 row["gptq_device_s"] = device_time_us(
                     lambda w_, h_, s=name: gptq_quantize(w_, h_, s, cfg), w, h, n=1,

@@ -9,7 +9,7 @@ close to uniform over the experts). For each token count and ops path (``ops.ker
 ``reference`` = XLA ``lax.ragged_dot``, ``kernel`` = the Pallas grouped GEMM with the reference's
 VJP) it measures the device time of the jitted forward and of forward + backward (``jax.grad`` of
 the sum of the outputs w.r.t. all params and the input), from ``jax.profiler`` GPU events
-(``bench.timing.device_time_us``; all kernels of the call, router, sort and shared expert too).
+(``perf.timing.device_time_us``; all kernels of the call, router, sort and shared expert too).
 It also checks the two paths against each other: the largest difference of the forward outputs
 relative to the largest reference output.
 
@@ -96,7 +96,7 @@ def _require_gpu():
 
 def _timed(fn, args, reps: int, detail: bool):
     """(us, top kernels or None) of ``fn(*args)``; device time from the profiler."""
-    from bench.timing import device_time_us
+    from mxmoe_jax.perf.timing import device_time_us
 
     if not detail:
         return device_time_us(fn, *args, n=reps), None
@@ -213,7 +213,7 @@ def main(args) -> int:
     result = dict(bench="model_layer", date=date, device=dev.device_kind, jax=jax.__version__,
                   shape={**SHAPE, "shared": 0 if args.no_shared else SHAPE["shared"]},
                   dtype="bfloat16", reps=args.reps, seed=args.seed,
-                  timing="bench.timing.device_time_us (jax.profiler GPU events, mean per call)",
+                  timing="mxmoe_jax.perf.timing.device_time_us (jax.profiler GPU events, per call)",
                   rows=rows, seconds=round(time.time() - t0, 1))
     stem = f"model_layer-{date}{'-' + args.tag if args.tag else ''}"
     path = write_json_atomic(args.out / f"{stem}.json", result)

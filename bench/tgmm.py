@@ -2,7 +2,7 @@
 
 A Qwen1.5-MoE-sized ``dw`` (60 experts, top-4; ``--k``/``--n`` pick gate/up or down), uniform-random
 routing, random normal bf16 data. Each tile is checked against the VJP of XLA's ``lax.ragged_dot``
-(independent of the kernel) and timed with ``jax.profiler`` device time (``bench.timing``). Prints a
+(independent of the kernel) and timed with ``jax.profiler`` device time (``perf.timing``). Prints a
 table and writes JSON to ``bench/results/tgmm-<date>.json`` (date, device, JAX version).
 """
 
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from jax import lax
     from mxmoe_jax.kernels.pallas.tgmm import DEFAULTS, tgmm
 
-    from bench.timing import device_time_us
+    from mxmoe_jax.perf.timing import device_time_us
 
     if jax.devices()[0].platform != "gpu":
         raise SystemExit("bench tgmm: needs an NVIDIA GPU (the kernel compiles with Triton)")
