@@ -20,7 +20,7 @@ _COMMANDS = (
     "mxmoe_jax.alloc.cli",
     "mxmoe_jax.quantize.cli",
     "mxmoe_jax.eval.cli",
-    "mxmoe_jax.perf.bench_cli",
+    "mxmoe_jax.eval.bench_cli",
     "mxmoe_jax.pipeline",
 )
 

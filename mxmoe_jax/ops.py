@@ -34,6 +34,13 @@ for arrays default precision (``w`` is cast to ``x``'s dtype, as the reference d
 and an explicit ``precision`` (the fp32 parity paths, ``Precision.HIGHEST``) keep the reference.
 A ``QuantizedWeight`` is packed at trace time (pack once ahead of time in a model).
 
+Mixed precision: ``grouped_matmul_by_scheme(x, parts, group_sizes)`` takes experts split into
+parts of different formats; on the kernel path it is ONE launch of the mixed-precision kernel
+(``kernels.pallas.mixed_gemm``; ``launch="per_scheme"``: one launch per part, for comparison), and
+``grouped_matmuls`` runs several such calls (routed + shared experts) in one launch. ``epilogue=
+"swiglu"`` (every entry) turns fused gate_up outputs into ``silu(gate) * up`` (``apply_epilogue``;
+in the kernel's epilogue on the kernel path).
+
 Backward (w16a16 arrays on the kernel path): the kernel is a ``pallas_call`` with no autodiff rule,
 so it runs under a ``jax.custom_vjp``. ``dy`` is cast to ``x``'s dtype, ``dx = gmm(dy, w^T)`` (the
 forward kernel reading ``w`` K-major in place, ``transpose_w=True``) and ``dw[e] = x_e^T dy_e`` by
