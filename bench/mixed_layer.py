@@ -154,8 +154,8 @@ def layer_rows(shape: MoEShapes, tokens: int, *, interpret: bool, reps: int, see
     import jax.numpy as jnp
 
     from mxmoe_jax import ops
-    from mxmoe_jax.models.moe import ExpertWeights, SchemeGroup, moe_forward, route
     from mxmoe_jax.eval.bench_cli import stack_values, uniform_weights
+    from mxmoe_jax.models.moe import ExpertWeights, SchemeGroup, moe_forward, route
     from mxmoe_jax.quant.scheme import QScheme
 
     timed = _timer(interpret, reps)

@@ -22,8 +22,8 @@ def model_dir(tmp_path_factory):
 
 
 def test_stack_values_are_the_fp_weights_and_uniform_variants_quantize_them(model_dir):
-    from mxmoe_jax.models.io import load_model_dir
     from mxmoe_jax.eval.bench_cli import stack_values, uniform_weights
+    from mxmoe_jax.models.io import load_model_dir
     from mxmoe_jax.quant.scheme import QScheme
 
     _, model = load_model_dir(model_dir, dtype=jnp.float32)
