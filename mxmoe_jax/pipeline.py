@@ -1,7 +1,7 @@
-"""``mxmoe-jax run``: the whole pipeline in one command, ending in a short report.
+"""``mxmoe-jax run``: the whole pipeline in one command, ending in a report.
 
 With no ``--model`` it first trains the embedded default (``mxmoe_jax.default_model``: a tiny
-Qwen2-MoE trained for about a minute on text that ships with Python) and exports it to a Hugging
+Qwen2-MoE trained for a few minutes on text that ships with Python) and exports it to a Hugging
 Face folder, so every run starts from HF format. Each stage writes its artifact into ``--out``:
 
     hf/            the default model in HF format (only without --model)
@@ -10,17 +10,29 @@ Face folder, so every run starts from HF format. Each stage writes its artifact 
     loss.json      Δ per (layer, expert, block, scheme)                <- calibrate
     perf.json      kernel cost table (analytic roofline of --device)   <- profile
     qconfig.json   scheme per block (+ pareto.csv, frontier/heatmap)   <- solve
-    report.json    every stage's numbers, and the perplexity of the FP model, of each uniform
-                   scheme and of the mixed allocation; report.md the same as tables
+    qmodel/        the quantized model (QMODEL_DIR: packed weights)    <- quantize
+    bench/         device time of the MoE layers (NVIDIA GPU only)     <- bench
+    report.json    every stage's numbers: the perplexity of the FP model, of each uniform scheme
+                   (quantized in memory) and of the mixed allocation (the QMODEL_DIR itself);
+                   report.md the same as tables, with the PNGs
+
+Resuming. ``stages.json`` records each finished stage with the settings it ran with; a rerun on
+the same ``--out`` (after a kill, say) skips every stage whose settings, and those of the stages
+before it, are unchanged and whose artifacts exist, and redoes the rest. Artifacts are written
+to a temporary name and renamed, so a killed stage leaves nothing that looks finished.
+``--fresh`` (or ``--force``) empties a run folder first.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import time
 from pathlib import Path
+
+STAGES_FILE = "stages.json"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,41 +67,97 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "with --abits, as the paper)")
     p.add_argument("--device", default="H200",
                    help="device of the analytic kernel cost table (default H200)")
-    p.add_argument("--force", action="store_true", help="overwrite the stages' outputs in --out")
+    p.add_argument("--bench-tokens", nargs="+", type=int, default=[32, 1024, 8192],
+                   help="token counts of the bench stage (NVIDIA GPU only)")
+    p.add_argument("--fresh", action="store_true",
+                   help="empty the run folder --out first (default: resume it)")
+    p.add_argument("--force", action="store_true", help="the same as --fresh")
     p.set_defaults(func=main)
 
 
-def _stage(report: dict, name: str, fn):
-    start = time.perf_counter()
-    print(f"== {name}", flush=True)
-    result = fn()
-    report["stages"][name] = {"seconds": round(time.perf_counter() - start, 2), **(result or {})}
-    return result
+class Stages:
+    """The finished stages of one run folder (``stages.json``), and the runner that skips them."""
+
+    def __init__(self, out: Path, report: dict):
+        self.out = out
+        self.path = out / STAGES_FILE
+        self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.report = report
+        self.chain = ""  # digest of the settings of every stage so far
+
+    def run(self, name: str, settings: dict, outputs: list[str], fn):
+        """Run ``fn`` unless stage ``name`` finished with these settings (and the stages before
+        it with theirs) and its ``outputs`` (paths in --out) exist; returns its result."""
+        blob = json.dumps({"before": self.chain, "settings": settings}, sort_keys=True,
+                          default=str)
+        key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        self.chain = key
+        prev = self.done.get(name)
+        if prev and prev["key"] == key and all((self.out / o).exists() for o in outputs):
+            print(f"== {name} (finished earlier: reused)", flush=True)
+            self.report["stages"][name] = {**prev["record"], "reused": True}
+            return prev["record"].get("result")
+        start = time.perf_counter()
+        print(f"== {name}", flush=True)
+        result = fn()
+        record = {"seconds": round(time.perf_counter() - start, 2)}
+        if result is not None:
+            record["result"] = result
+        self.done[name] = {"key": key, "record": record}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.done, indent=1))
+        tmp.replace(self.path)
+        self.report["stages"][name] = record
+        return result
+
+
+def _prepare_out(out: Path, fresh: bool) -> None:
+    """A new, empty or resumable run folder; ``fresh`` empties a run folder."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    is_run = (out / STAGES_FILE).is_file() or (out / "report.json").is_file()
+    if out.exists() and any(out.iterdir()):
+        if not is_run:
+            raise FileExistsError(f"--out {out} is not empty and not a run folder (no "
+                                  f"{STAGES_FILE}); choose another folder")
+        if fresh:
+            for child in out.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def main(args: argparse.Namespace) -> int:
+    import jax
 
     from mxmoe_jax.convert.hf_to_flax import convert_hf
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise FileExistsError(f"--out {out} is not empty; pass --force to overwrite its stages")
-    out.mkdir(parents=True, exist_ok=True)
+    if args.model and (not args.calib or not args.eval_text):
+        raise ValueError("--calib and --eval are required with --model")
+    _prepare_out(out, args.fresh or args.force)
     report: dict = {"out": str(out), "stages": {}}
+    st = Stages(out, report)
 
     if args.model:
         hf_dir = Path(args.model)
-        if not args.calib or not args.eval_text:
-            raise ValueError("--calib and --eval are required with --model")
         calib, eval_text = args.calib, args.eval_text
+        st.chain = hashlib.sha256(str(hf_dir.resolve()).encode()).hexdigest()[:16]
     else:
         from mxmoe_jax.default_model import DefaultRecipe, train_default_model
 
         hf_dir = out / "hf"
-        if hf_dir.exists():
-            shutil.rmtree(hf_dir)
         recipe = DefaultRecipe(max_steps=args.train_steps)
-        _stage(report, "train default model", lambda: train_default_model(hf_dir, recipe))
+
+        def train():
+            tmp = out / "hf.tmp"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            train_default_model(tmp, recipe)
+            if hf_dir.exists():
+                shutil.rmtree(hf_dir)
+            tmp.replace(hf_dir)
+
+        st.run("train default model", {"recipe": repr(recipe)}, ["hf/config.json"], train)
         calib = args.calib or [str(hf_dir / "calib.txt")]
         eval_text = args.eval_text or str(hf_dir / "eval.txt")
 
@@ -99,20 +167,21 @@ def main(args: argparse.Namespace) -> int:
         r = convert_hf(hf_dir, model_dir, dtype="fp32", force=True, progress=True)
         return {"params": r.num_params, "peak_rss_mib": round(r.peak_rss_bytes / 2**20, 1)}
 
-    _stage(report, "convert", convert)
+    st.run("convert", {}, ["model/model.json"], convert)
 
     seq = ["--seqlen", str(args.seqlen), "--nsamples", str(args.nsamples)]
-    _stage(report, "trace", lambda: _cli(
+    st.run("trace", {"calib": calib, "seq": seq}, ["trace.json"], lambda: _cli(
         ["trace", "--model", str(model_dir), "--text", *calib, "--out", str(out / "trace.json"),
          "--plot", str(out / "trace.png"), *seq, "--force"]))
     schemes = args.schemes or (ACT_SCHEMES if args.abits else WEIGHT_ONLY_SCHEMES)
-    _stage(report, "calibrate", lambda: _cli(
+    st.run("calibrate", {"schemes": schemes, "method": args.method}, ["loss.json"], lambda: _cli(
         ["calibrate", "--model", str(model_dir), "--text", *calib, "--schemes", *schemes,
          "--method", args.method, "--out", str(out / "loss.json"), *seq, "--force"]))
-    _stage(report, "profile", lambda: _cli(
+    st.run("profile", {"device": args.device}, ["perf.json"], lambda: (_cli(
         ["profile", "--analytic", args.device, "--shapes", str(model_dir), "--schemes",
          "w16a16", *_with_substitutes(schemes, model_dir), "--out", str(out / "perf.json"),
-         "--force"]))
+         "--force"]) or {"source": f"analytic roofline of the {args.device} (the measured "
+                                   "profile is not built yet)"}))
     budget = ["--wbits", str(args.wbits)] + (["--abits", str(args.abits)] if args.abits else [])
 
     r = args.r if args.r is not None else (0.75 if args.abits else 1.0)
@@ -124,14 +193,39 @@ def main(args: argparse.Namespace) -> int:
         summary = json.loads((out / "qconfig.json").read_text())["summary"]
         return {k: summary[k] for k in ("wbits", "abits", "L", "T_us") if k in summary}
 
-    _stage(report, "solve", solve)
-    _stage(report, "eval", lambda: _evaluate(args, model_dir, calib, eval_text, schemes, out))
+    st.run("solve", {"budget": budget, "batch": args.batch, "r": r}, ["qconfig.json"], solve)
+    gptq = ["--calib", *calib, "--calib-windows", str(args.nsamples), "--seqlen",
+            str(args.seqlen)] if args.method == "gptq" else []
+    st.run("quantize", {"method": args.method}, ["qmodel/qmodel.json"], lambda: _cli(
+        ["quantize", "--model", str(model_dir), "--qconfig", str(out / "qconfig.json"),
+         "--method", args.method, *gptq, "--out", str(out / "qmodel"), "--force"]))
+    st.run("eval", {"eval": eval_text, "seqlen": args.seqlen, "windows": args.max_windows},
+           [], lambda: _evaluate(args, model_dir, calib, eval_text, schemes, out))
+    on_gpu = jax.devices()[0].platform == "gpu"
 
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    def bench():
+        if not on_gpu:
+            return {"skipped": f"no NVIDIA GPU here (JAX device: {jax.devices()[0].platform}); "
+                               "layer speed is measured on GPUs only"}
+        _cli(["bench", "--model", str(out / "qmodel"), "--out", str(out / "bench"),
+              "--tokens", *map(str, args.bench_tokens), "--force"])
+        rows = json.loads((out / "bench" / "bench.json").read_text())["rows"]
+        return {"rows": rows}
+
+    st.run("bench", {"tokens": args.bench_tokens, "gpu": on_gpu},
+           ["bench/bench.json"] if on_gpu else [], bench)
+
+    write_atomic(out / "report.json", json.dumps(report, indent=2))
     table = _tables(report)
-    (out / "report.md").write_text(table + "\n")
+    write_atomic(out / "report.md", table + "\n")
     print(table)
     return 0
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 # g128 where it divides a block's K; elsewhere (the tiny models' down_proj, K = 192) calibrate,
@@ -170,6 +264,7 @@ def _evaluate(args, model_dir: Path, calib, eval_text: str, schemes, out: Path) 
     from mxmoe_jax.models import forward
     from mxmoe_jax.models.io import load_model_dir
     from mxmoe_jax.quant.scheme import QScheme
+    from mxmoe_jax.quantize.checkpoint import load_any
     from mxmoe_jax.quantize.pipeline import QuantizeConfig, quantize_in_memory
 
     cfg, model = load_model_dir(model_dir, dtype=jnp.float32)
@@ -182,12 +277,14 @@ def _evaluate(args, model_dir: Path, calib, eval_text: str, schemes, out: Path) 
     uniform = qconfig["summary"].get("uniform", {})  # the solver's bits, per-channel scales counted
     rows.update({s: ((uniform.get(s) or {}).get("wbits", QScheme.parse(s).bits_per_weight()),
                      Allocation.uniform(cfg, s)) for s in schemes})
-    rows[f"mixed (solve, {args.wbits} bits)"] = (qconfig["summary"]["wbits"],
-                                                 Allocation.from_qconfig(cfg, qconfig))
+    rows[f"mixed (solve, {args.wbits} bits)"] = (qconfig["summary"]["wbits"], "qmodel")
     result = {"text": eval_text, "windows": int(ids.shape[0]), "ppl": {}}
     for name, (bits, allocation) in rows.items():
-        m = model if allocation is None else quantize_in_memory(
-            model, allocation, config, tokenizer_dir=model_dir)[0]
+        if allocation == "qmodel":  # the QMODEL_DIR of the quantize stage, as users load it
+            m = load_any(out / "qmodel", dtype=jnp.float32)[1]
+        else:
+            m = model if allocation is None else quantize_in_memory(
+                model, allocation, config, tokenizer_dir=model_dir)[0]
         ppl = perplexity(lambda batch, m=m: forward(m, batch), ids).ppl
         result["ppl"][name] = {"wbits": round(bits, 3), "ppl": round(ppl, 4)}
         print(f"  {name:<32} wbits {bits:6.3f}  ppl {result['ppl'][name]['ppl']}", flush=True)
@@ -195,10 +292,28 @@ def _evaluate(args, model_dir: Path, calib, eval_text: str, schemes, out: Path) 
 
 
 def _tables(report: dict) -> str:
-    lines = ["| stage | seconds |", "|---|---|"]
-    lines += [f"| {name} | {r['seconds']} |" for name, r in report["stages"].items()]
-    ev = report["stages"]["eval"]
-    lines += ["", f"Perplexity on {ev['text']} ({ev['windows']} windows):", "",
+    stages = report["stages"]
+    lines = ["# mxmoe-jax run", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {name} | {r['seconds']}{' (reused)' if r.get('reused') else ''} |"
+              for name, r in stages.items()]
+    prof = (stages.get("profile", {}).get("result") or {}).get("source")
+    if prof:
+        lines += ["", f"Kernel times in the allocation: {prof}."]
+    ev = stages["eval"]["result"]
+    lines += ["", f"Perplexity on {ev['text']} ({ev['windows']} windows); uniform schemes are "
+              "quantized in memory, the mixed allocation is the QMODEL_DIR `qmodel/`:", "",
               "| model | avg weight bits | ppl |", "|---|---|---|"]
     lines += [f"| {k} | {v['wbits']} | {v['ppl']} |" for k, v in ev["ppl"].items()]
+    lines += ["", "Expert load: ![trace](trace.png)", "",
+              "Pareto frontier (the chosen allocation and the uniform schemes): "
+              "![frontier](qconfig.frontier.png)", "",
+              "Allocation: ![heatmap](qconfig.heatmap.png)"]
+    b = stages.get("bench", {}).get("result") or {}
+    if b.get("skipped"):
+        lines += ["", f"Layer speed: not measured: {b['skipped']}."]
+    elif b.get("rows"):
+        lines += ["", "Layer speed (device µs, `bench/bench.json`): ![bench](bench/bench.png)", "",
+                  "| layer | tokens | variant | device µs |", "|---|---|---|---|"]
+        lines += [f"| {r['layer']} | {r['tokens']} | {r['variant']} | {r['us']} |"
+                  for r in b["rows"]]
     return "\n".join(lines)
