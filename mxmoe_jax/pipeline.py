@@ -10,6 +10,7 @@ Face folder, so every run starts from HF format. Each stage writes its artifact 
     loss.json      Δ per (layer, expert, block, scheme)                <- calibrate
     perf.json      kernel cost table (analytic roofline of --device)   <- profile
     qconfig.json   scheme per block (+ pareto.csv, frontier/heatmap)   <- solve
+    *-PRESET.json  trace, loss, perf and qconfig at a preset's shapes  <- --shapes-of PRESET
     qmodel/        the quantized model (QMODEL_DIR: packed weights)    <- quantize
     bench/         device time of the MoE layers (NVIDIA GPU only)     <- bench
     report.json    every stage's numbers: the perplexity of the FP model, of each uniform scheme
@@ -69,6 +70,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="device of the analytic kernel cost table (default H200)")
     p.add_argument("--bench-tokens", nargs="+", type=int, default=[32, 1024, 8192],
                    help="token counts of the bench stage (NVIDIA GPU only)")
+    p.add_argument("--shapes-of", metavar="PRESET",
+                   help="also solve at a real-sized layer shape (a perf.shapes preset, e.g. "
+                        "qwen1.5-moe) with this model's trace and loss pattern scaled to it: "
+                        "speed at the preset's shapes, accuracy from this model")
     p.add_argument("--fresh", action="store_true",
                    help="empty the run folder --out first (default: resume it)")
     p.add_argument("--force", action="store_true", help="the same as --fresh")
@@ -134,6 +139,11 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.model and (not args.calib or not args.eval_text):
         raise ValueError("--calib and --eval are required with --model")
+    if args.shapes_of:
+        from mxmoe_jax.perf.shapes import PRESETS
+
+        if args.shapes_of not in PRESETS:
+            raise ValueError(f"--shapes-of: {args.shapes_of!r} is not one of {', '.join(PRESETS)}")
     _prepare_out(out, args.fresh or args.force)
     report: dict = {"out": str(out), "stages": {}}
     st = Stages(out, report)
@@ -214,12 +224,44 @@ def main(args: argparse.Namespace) -> int:
 
     st.run("bench", {"tokens": args.bench_tokens, "gpu": on_gpu},
            ["bench/bench.json"] if on_gpu else [], bench)
+    if args.shapes_of:  # last: no stage before depends on it
+        st.run(f"solve at {args.shapes_of} shapes", {"preset": args.shapes_of},
+               [f"qconfig-{args.shapes_of}.json"],
+               lambda: _solve_at_preset(args, out, schemes, budget, r))
 
     write_atomic(out / "report.json", json.dumps(report, indent=2))
     table = _tables(report)
     write_atomic(out / "report.md", table + "\n")
     print(table)
     return 0
+
+
+def _solve_at_preset(args, out: Path, schemes, budget, r) -> dict:
+    """trace and loss scaled to the preset (``alloc.scale``), its analytic perf table, solve."""
+    from mxmoe_jax.alloc.scale import scale_loss, scale_trace
+    from mxmoe_jax.jsonio import read_json, write_json_atomic
+    from mxmoe_jax.perf.shapes import PRESETS
+    from mxmoe_jax.quant.scheme import QScheme
+
+    preset = PRESETS[args.shapes_of]
+    trace = read_json(out / "trace.json", "trace")
+    loss = read_json(out / "loss.json", "loss table")
+    tag = args.shapes_of
+    write_json_atomic(out / f"trace-{tag}.json", scale_trace(trace, preset))
+    write_json_atomic(out / f"loss-{tag}.json", scale_loss(loss, trace, preset))
+    ks = sorted({k for _, k in preset.gemms()})
+    names = [QScheme.parse(x).name for x in schemes]
+    subs = list(dict.fromkeys(names + [QScheme.parse(x).for_k(k).name for x in names
+                                       for k in ks]))
+    _cli(["profile", "--analytic", args.device, "--shapes", tag, "--schemes", "w16a16", *subs,
+          "--out", str(out / f"perf-{tag}.json"), "--force"])
+    _cli(["solve", "--trace", str(out / f"trace-{tag}.json"), "--loss",
+          str(out / f"loss-{tag}.json"), "--perf", str(out / f"perf-{tag}.json"), *budget,
+          "--batch", str(args.batch), "--r", str(r), "--out", str(out / f"qconfig-{tag}.json"),
+          "--force"])
+    summary = json.loads((out / f"qconfig-{tag}.json").read_text())["summary"]
+    return {"preset": tag, "mixed": {k: summary[k] for k in ("wbits", "abits", "L", "T_us")},
+            "uniform": summary.get("uniform", {}), "perf": summary.get("perf")}
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -308,6 +350,22 @@ def _tables(report: dict) -> str:
               "Pareto frontier (the chosen allocation and the uniform schemes): "
               "![frontier](qconfig.frontier.png)", "",
               "Allocation: ![heatmap](qconfig.heatmap.png)"]
+    pre = next((r.get("result") for name, r in stages.items() if name.startswith("solve at ")),
+               None)
+    if pre:
+        tag = pre["preset"]
+        lines += ["", f"### At the {tag} layer shapes", "",
+                  f"Accuracy comes from this model; speed from the {tag} shapes "
+                  f"({pre.get('perf')}): its trace and loss pattern scaled to {tag} "
+                  f"(`trace-{tag}.json`, `loss-{tag}.json`, `mxmoe_jax.alloc.scale`), solved at "
+                  "the same budget. L is the solver's loss proxy on the scaled table, T the "
+                  "predicted time of all MoE layers at --batch tokens.", "",
+                  "| allocation | avg weight bits | L | T (µs) |", "|---|---|---|---|"]
+        m = pre["mixed"]
+        lines.append(f"| mixed | {m['wbits']:.3f} | {m['L']:.4g} | {m['T_us']:.1f} |")
+        lines += [f"| {k} | {v['wbits']:.3f} | {v['L']:.4g} | {v['T_us']:.1f} |"
+                  for k, v in pre["uniform"].items()]
+        lines += ["", f"![frontier at {tag}](qconfig-{tag}.frontier.png)"]
     b = stages.get("bench", {}).get("result") or {}
     if b.get("skipped"):
         lines += ["", f"Layer speed: not measured: {b['skipped']}."]

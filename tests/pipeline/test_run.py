@@ -78,6 +78,17 @@ def test_a_killed_run_resumes_to_the_same_numbers(full_run, tmp_path, monkeypatc
     stages = json.loads((out / "report.json").read_text())["stages"]
     assert stages["calibrate"].get("reused") and not stages["solve"].get("reused")
     assert not stages["eval"].get("reused")
+    # --shapes-of adds a solve at a preset's shapes; everything else is reused
+    assert cli_main(["run", "--out", str(out), *RUN[:-1], "3.5", "--shapes-of",
+                     "deepseek-v2-lite"]) == 0
+    stages = json.loads((out / "report.json").read_text())["stages"]
+    extra = stages.pop("solve at deepseek-v2-lite shapes")
+    assert all(r.get("reused") for r in stages.values()) and not extra.get("reused")
+    q = json.loads((out / "qconfig-deepseek-v2-lite.json").read_text())
+    assert sorted(q["layers"], key=int) == [str(i) for i in range(26)]
+    assert len(q["layers"]["0"]) == 65  # 64 routed experts + the shared one
+    md = (out / "report.md").read_text()
+    assert "Accuracy comes from this model; speed from the deepseek-v2-lite shapes" in md
 
 
 def test_run_refuses_a_non_empty_folder_that_is_not_a_run(tmp_path, capsys):
