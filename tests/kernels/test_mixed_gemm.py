@@ -154,3 +154,19 @@ def test_bad_input_says_what_to_fix(bad, match):
     with pytest.raises(ValueError, match=match):
         mixed_grouped_matmul(x, stacks, gs, kw["assignment"], interpret=True,
                              epilogue=kw["epilogue"])
+
+
+@pytest.mark.parametrize("epilogue", ["none", "swiglu"])
+def test_lowers_for_cuda_as_one_kernel(triton_ir, epilogue):
+    """The whole mix (bf16, weight-only, int8, int4 and fp8 segments) lowers to ONE Triton
+    kernel for sm_90 (every primitive of every branch, the SwiGLU epilogue's too, has a Triton
+    lowering), with split-K where the epilogue allows it."""
+    x, stacks, parts, gs, assignment = random_layer(
+        9, "mixed", ["w16a16", "w4a16_g128_asym", "w8a8_g-1_sym", "w4a4_g-1_sym", "w8a8_g-1_fp8"])
+    launch = LaunchConfig(num_warps=4, num_stages=2, split_k=2)
+    irs = triton_ir(lambda v, g: mixed_grouped_matmul(v, stacks, g, assignment, epilogue=epilogue,
+                                                      tiles={i: SMALL for i in range(5)},
+                                                      launch=launch), x, gs)
+    mixed = [ir for ir in irs if "mixed_gmm" in ir]
+    assert len(mixed) == 1, [ir[:80] for ir in irs]
+    assert mixed[0].count("tt.dot") >= 5  # a dot per scheme branch (two per branch for swiglu)
