@@ -14,8 +14,8 @@ run: $(VENV)/.installed
 	$(VENV)/bin/mxmoe-jax run --out $(OUT) --force
 
 # pytest exits 5 when it collected nothing: that is a failure here, as in CI. Two worker
-# processes, each test file on one of them (its module fixtures built once): 19 min instead of
-# 25.5 on the 2-core CI machine (2026-12-01).
+# processes, each test file on one of them (its module fixtures built once): 17 min instead of
+# 25.5 in a fresh clone on the 2-core CI machine (2026-12-01).
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo "no test ran"; exit 1; fi; exit $$rc
 
