@@ -6,7 +6,8 @@
 Quantizes MODEL_DIR once into a QMODEL_DIR (``mxmoe_jax.quantize``), reloads it, and evaluates the
 same QMODEL_DIR with ``impl=reference`` in fp32 (the fake-quant reference), ``impl=reference`` in
 bf16 and, on an NVIDIA GPU, ``impl=kernel`` in bf16 (the Pallas kernels: one mixed-precision
-launch per projection). Prints a table and writes ``qmodel_ppl-<date>.json`` (date, device, JAX version).
+launch per projection). Prints a table and writes ``qmodel_ppl-<date>.json`` (date, device, JAX
+version).
 """
 
 from __future__ import annotations
