@@ -404,13 +404,13 @@ def grouped_matmuls(calls, *, out_dtype=None, precision=None, impl: str | None =
     on_kernel = impl in ("kernel", "interpret") or (impl == "auto"
                                                     and jax.default_backend() == "gpu")
     dtype = calls[0][0].dtype
+    out = dtype if out_dtype is None else out_dtype
     if (len(calls) > 1 and on_kernel and all(x.dtype == dtype for x, _, _ in calls)
-            and all(_kernel_applies(x, w, dtype if out_dtype is None else out_dtype, precision)
+            and all(_kernel_applies(x, w, out, precision)
                     for x, parts, _ in calls for w, _ in parts)):
         for _, parts, group_sizes in calls:
             _check_parts(parts, group_sizes)
-        return _mixed(dtype, calls, dtype if out_dtype is None else out_dtype,
-                      impl == "interpret", epilogue)
+        return _mixed(dtype, calls, out, impl == "interpret", epilogue)
     return [grouped_matmul_by_scheme(x, parts, gs, out_dtype=out_dtype, precision=precision,
                                      impl=impl, epilogue=epilogue) for x, parts, gs in calls]
 

@@ -197,10 +197,7 @@ def main(args: argparse.Namespace) -> int:
     r = args.r if args.r is not None else (0.75 if args.abits else 1.0)
 
     def solve():
-        _cli(["solve", "--trace", str(out / "trace.json"), "--loss", str(out / "loss.json"),
-              "--perf", str(out / "perf.json"), *budget, "--batch", str(args.batch),
-              "--r", str(r), "--out", str(out / "qconfig.json"), "--force"])
-        summary = json.loads((out / "qconfig.json").read_text())["summary"]
+        summary = _solve(out, "", budget, args.batch, r)
         return {k: summary[k] for k in ("wbits", "abits", "L", "T_us") if k in summary}
 
     st.run("solve", {"budget": budget, "batch": args.batch, "r": r}, ["qconfig.json"], solve)
@@ -241,7 +238,6 @@ def _solve_at_preset(args, out: Path, schemes, budget, r) -> dict:
     from mxmoe_jax.alloc.scale import scale_loss, scale_trace
     from mxmoe_jax.jsonio import read_json, write_json_atomic
     from mxmoe_jax.perf.shapes import PRESETS
-    from mxmoe_jax.quant.scheme import QScheme
 
     preset = PRESETS[args.shapes_of]
     trace = read_json(out / "trace.json", "trace")
@@ -249,17 +245,9 @@ def _solve_at_preset(args, out: Path, schemes, budget, r) -> dict:
     tag = args.shapes_of
     write_json_atomic(out / f"trace-{tag}.json", scale_trace(trace, preset))
     write_json_atomic(out / f"loss-{tag}.json", scale_loss(loss, trace, preset))
-    ks = sorted({k for _, k in preset.gemms()})
-    names = [QScheme.parse(x).name for x in schemes]
-    subs = list(dict.fromkeys(names + [QScheme.parse(x).for_k(k).name for x in names
-                                       for k in ks]))
-    _cli(["profile", "--analytic", args.device, "--shapes", tag, "--schemes", "w16a16", *subs,
-          "--out", str(out / f"perf-{tag}.json"), "--force"])
-    _cli(["solve", "--trace", str(out / f"trace-{tag}.json"), "--loss",
-          str(out / f"loss-{tag}.json"), "--perf", str(out / f"perf-{tag}.json"), *budget,
-          "--batch", str(args.batch), "--r", str(r), "--out", str(out / f"qconfig-{tag}.json"),
-          "--force"])
-    summary = json.loads((out / f"qconfig-{tag}.json").read_text())["summary"]
+    _cli(["profile", "--analytic", args.device, "--shapes", tag, "--schemes", "w16a16",
+          *_with_substitutes(schemes, tag), "--out", str(out / f"perf-{tag}.json"), "--force"])
+    summary = _solve(out, f"-{tag}", budget, args.batch, r)
     return {"preset": tag, "mixed": {k: summary[k] for k in ("wbits", "abits", "L", "T_us")},
             "uniform": summary.get("uniform", {}), "perf": summary.get("perf")}
 
@@ -276,13 +264,25 @@ WEIGHT_ONLY_SCHEMES = ("w2a16_g128_asym", "w3a16_g128_asym", "w4a16_g128_asym", 
 ACT_SCHEMES = ("w4a4_g-1_sym", "w4a4_g128_sym", "w8a8_g-1_sym")
 
 
-def _with_substitutes(schemes, model_dir: Path) -> list[str]:
-    """``schemes`` plus what each is in this model's GEMMs (``QScheme.for_k`` of every K): solve
-    times a block with the scheme it is quantized with, so perf.json needs those too."""
+def _solve(out: Path, suffix: str, budget, batch: int, r: float) -> dict:
+    """``solve`` on ``trace{suffix}.json``, ``loss{suffix}.json``, ``perf{suffix}.json`` in ``out``
+    into ``qconfig{suffix}.json``; its summary."""
+    def f(stem):
+        return str(out / f"{stem}{suffix}.json")
+
+    _cli(["solve", "--trace", f("trace"), "--loss", f("loss"), "--perf", f("perf"), *budget,
+          "--batch", str(batch), "--r", str(r), "--out", f("qconfig"), "--force"])
+    return json.loads((out / f"qconfig{suffix}.json").read_text())["summary"]
+
+
+def _with_substitutes(schemes, shapes) -> list[str]:
+    """``schemes`` plus what each is in the GEMMs of ``shapes`` (a model folder or a
+    ``perf.shapes`` preset; ``QScheme.for_k`` of every K): solve times a block with the scheme it is
+    quantized with, so perf.json needs those too."""
     from mxmoe_jax.perf.shapes import load_shapes
     from mxmoe_jax.quant.scheme import QScheme
 
-    ks = sorted({k for _, k in load_shapes(str(model_dir)).gemms()})
+    ks = sorted({k for _, k in load_shapes(str(shapes)).gemms()})
     names = [QScheme.parse(s).name for s in schemes]
     return list(dict.fromkeys(names + [QScheme.parse(s).for_k(k).name for s in names
                                        for k in ks]))
