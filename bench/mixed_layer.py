@@ -63,6 +63,17 @@ def assignment_of(gs: np.ndarray, mix) -> tuple[int, ...]:
     return tuple(int(a) for a in out)
 
 
+_T0 = __import__("time").perf_counter()
+
+
+def _add(rows, row) -> None:
+    """Append a row and print it at once (with seconds since start), so a killed run leaves its
+    finished rows in the log."""
+    rows.append(row)
+    t = __import__("time").perf_counter() - _T0
+    print(f"[{t:7.1f}s] {json.dumps(row)}", flush=True)
+
+
 def _rel(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
@@ -115,7 +126,7 @@ def gemm_rows(shape: MoEShapes, tokens: int, *, interpret: bool, reps: int, seed
         ((wq, _),) = stacks_for(w, (0,) * e, [name])
         f = jax.jit(lambda v, g, wq=wq: gmm(v, wq, g, interpret=interpret))
         jax.block_until_ready(f(x, gs))
-        rows.append(dict(base, variant=name, path="uniform", us=timed(f, x, gs)))
+        _add(rows, dict(base, variant=name, path="uniform", us=timed(f, x, gs)))
     for mix_name, mix in MIXES.items():
         assignment = assignment_of(gs_np, mix)
         parts = stacks_for(w, assignment, [s for s, _ in mix])
@@ -130,7 +141,7 @@ def gemm_rows(shape: MoEShapes, tokens: int, *, interpret: bool, reps: int, seed
             check.update(one_vs_ref=_rel(y1, ref), per_vs_ref=_rel(y2, ref))
         ok = bool(all(v < TOL for v in check.values()) and np.isfinite(y1).all())
         for path, fn in (("one_launch", one), ("per_scheme", per)):
-            rows.append(dict(base, variant=mix_name, path=path, us=timed(fn, x, gs), ok=ok,
+            _add(rows, dict(base, variant=mix_name, path=path, us=timed(fn, x, gs), ok=ok,
                              **check))
     return rows
 
@@ -183,16 +194,16 @@ def layer_rows(shape: MoEShapes, tokens: int, *, interpret: bool, reps: int, see
     with ops.kernel_mode("reference"):
         f_xla = jax.jit(lambda v: moe_forward(block, v))
         ref = np.asarray(f_xla(x), np.float32)
-        rows.append(dict(base, variant="bf16", path="xla", us=timed(f_xla, x)))
+        _add(rows, dict(base, variant="bf16", path="xla", us=timed(f_xla, x)))
     for name, routed in variants.items():
         with ops.kernel_mode(impl):
             f = jax.jit(lambda v, r=routed: moe_forward(block, v, routed=r))
             y = np.asarray(f(x), np.float32)
-            rows.append(dict(base, variant=name, path="ours", us=timed(f, x),
+            _add(rows, dict(base, variant=name, path="ours", us=timed(f, x),
                              rel_to_bf16=_rel(y, ref), finite=bool(np.isfinite(y).all())))
     if not interpret:
         us, why = torch_layer_us(shape, tokens, gs_np)
-        rows.append(dict(base, variant="bf16", path="torch", us=us, note=why))
+        _add(rows, dict(base, variant="bf16", path="torch", us=us, note=why))
     return rows
 
 
@@ -296,6 +307,8 @@ def main(argv=None) -> int:
                interpret=args.interpret, mixes={k: list(v) for k, v in MIXES.items()}, rows=rows)
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "-interpret" if args.interpret else ""
+    if not args.small and len(shapes) < len(PRESETS):  # one file per subset run
+        suffix = "-" + "-".join(s.name for s in shapes) + suffix
     path = args.out / f"mixed_layer-{stamp}{suffix}.json"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")

@@ -426,7 +426,8 @@ def _check_resume(partial: Path, meta: dict) -> tuple[dict, list[int]]:
 
 def calibrate(model, windows: np.ndarray, config: CalibConfig, *, meta: dict,
               partial_path: str | os.PathLike | None = None, progress: bool = False,
-              quantizer: Quantizer | None = None, rotation: Rotation | None = None) -> dict:
+              quantizer: Quantizer | None = None, rotation: Rotation | None = None,
+              moe_inputs: dict | None = None) -> dict:
     """Run calibration on ``windows [S, T]``; returns the ``loss.json`` dict.
 
     ``rotation``: the ``Rotation`` that ``model`` was rotated with (`rotate_for_calibration`,
@@ -437,6 +438,11 @@ def calibrate(model, windows: np.ndarray, config: CalibConfig, *, meta: dict,
     ``metric``, ``hadamard``, ``schemes`` and ``num_tokens`` are set from ``config``/``windows``.
     With ``partial_path``, finished layers are kept there and a rerun resumes from it.
     ``quantizer`` overrides ``config.method``'s weight quantizer (tests, other algorithms).
+    ``moe_inputs``: a dict that receives, for each layer measured, the MoE-block input Δ was
+    measured on (``{layer: [S*T, D]`` host array``}``). A reference that recomputes that input
+    in another program can differ from it in the last place on the GPU (GEMMs of other shapes
+    round differently), which moves 4- or 8-bit activation codes at near-ties; checks of Δ
+    against a brute force start from these inputs instead.
     """
     cfg: ModelConfig = model.cfg
     windows = np.asarray(windows, np.int32)
@@ -498,6 +504,8 @@ def calibrate(model, windows: np.ndarray, config: CalibConfig, *, meta: dict,
             continue
         start = time.perf_counter()
         h, xn = _attention(layer, hidden, per)
+        if moe_inputs is not None:
+            moe_inputs[i] = xn.reshape(-1, xn.shape[-1])
         if config.metric == "layer_out_norm":
             hidden = None  # not needed again: frees one [S, T, D] copy while the layer runs
         block = layer.mlp

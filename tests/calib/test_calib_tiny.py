@@ -111,24 +111,7 @@ def _np_fake_quant_act(x, scheme):
     return (codes.astype(np.float32) * scale).astype(np.float32)
 
 
-def _walk_moe_input(model, windows, i, batch_tokens):
-    """Decoder layer ``i``'s MoE-block input ``[T, D]`` as `calibrate` computes it: the
-    calibration walk, in its batches of ``batch_tokens``. The model's own forward is another
-    program, which on the GPU rounds some elements differently in the last place, and a one-ulp
-    change moves an 8- or 4-bit activation code at a near-tie (a 1e-3 change of Δ)."""
-    from mxmoe_jax.calib import walk
-
-    per = walk.windows_per_batch(batch_tokens, windows.shape[1])
-    parts = []
-    for sl in walk.iter_batches(windows.shape[0], per):
-        x = walk.embed(model, jnp.asarray(windows[sl]))
-        for layer in model.layers[:i]:
-            x = walk.run_layer(layer, x)
-        parts.append(walk.to_host(walk.attention_part(model.layers[i], x)[1]))
-    return np.concatenate(parts).reshape(-1, model.cfg.hidden_size)
-
-
-def _reference_layer(model, windows, layer_idx):
+def _reference_layer(model, xn, layer_idx):
     """A per-expert reference of decoder layer ``layer_idx``, outputs assembled in float64.
 
     Returns ``out(e, b, wq, scheme)`` = the MoE-block output with block ``b`` of expert ``e``
@@ -136,9 +119,12 @@ def _reference_layer(model, windows, layer_idx):
     """
     cfg = model.cfg
     layer = model.layers[layer_idx]
-    # the MoE-block input as calibration computes it; attention and the residual are the same
-    # for every block, so they cancel exactly in Ô − O and are left out
-    xn = jnp.asarray(_walk_moe_input(model, windows, layer_idx, SHORTCUT_BATCH))  # [T, D]
+    # ``xn``: the MoE-block input [T, D] calibrate measured on (its ``moe_inputs``): the same
+    # input recomputed by another program can differ in the last place on the GPU (GEMMs of
+    # other shapes round differently), and a one-ulp change moves an 8- or 4-bit activation code
+    # at a near-tie (a 1e-3 change of Δ). Attention and the residual are the same for every
+    # block, so they cancel exactly in Ô − O and are left out.
+    xn = jnp.asarray(xn)
     idx, wt = route(layer.mlp.router_logits(xn), cfg)
     idx, wt = np.asarray(idx), np.asarray(wt, np.float64)
     mlp = layer.mlp
@@ -183,12 +169,19 @@ def _reference_layer(model, windows, layer_idx):
 
 
 @pytest.fixture(scope="module")
-def shortcut(tiny, windows):
-    """The shortcut's loss.json for the two layers; 64-token chunks (so chunks accumulate)."""
+def shortcut_run(tiny, windows):
+    """The shortcut's loss.json for the two layers (64-token chunks, so chunks accumulate) and
+    the MoE-block inputs it measured on (``calibrate(moe_inputs=...)``)."""
     _, model = tiny
     config = C.CalibConfig(schemes=("w4a16_g128_asym", "w4a16_g-1_asym", "w8a8_g-1_sym",
                                     "w4a4_g-1_sym"), layers=LAYERS, batch_tokens=SHORTCUT_BATCH)
-    return C.calibrate(model, windows, config, meta={"model": "tiny"})
+    inputs = {}
+    return C.calibrate(model, windows, config, meta={"model": "tiny"}, moe_inputs=inputs), inputs
+
+
+@pytest.fixture(scope="module")
+def shortcut(shortcut_run):
+    return shortcut_run[0]
 
 
 @pytest.mark.parametrize("scheme", ["w4a16_g128_asym", "w4a16_g-1_asym"])
@@ -212,11 +205,14 @@ def test_shortcut_equals_brute_force_rtn(tiny, windows, shortcut, scheme):
 
 
 @pytest.mark.parametrize("scheme", ["w8a8_g-1_sym", "w4a4_g-1_sym"])
-def test_shortcut_equals_brute_force_weight_activation(tiny, windows, shortcut, scheme):
+def test_shortcut_equals_brute_force_weight_activation(tiny, windows, shortcut_run, scheme):
     cfg, model = tiny
+    shortcut, inputs = shortcut_run
+    assert sorted(inputs) == list(LAYERS)
+    assert all(x.shape == (windows.size, cfg.hidden_size) for x in inputs.values())
     scheme = QScheme.parse(scheme)
     for i in LAYERS:
-        out, experts, shared = _reference_layer(model, windows, i)
+        out, experts, shared = _reference_layer(model, inputs[i], i)
         ref = out()
         got = shortcut["losses"][scheme.name][str(i)]
         # all experts' blocks quantized in one call each; expert e uses its own slice
