@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mxmoe_jax.perf.predict import zipf_group_sizes
 from mxmoe_jax.perf.shapes import PRESETS
 
 # the fused gate+up GEMM of each model preset: name -> (E, K, N, top_k), N = 2 x moe_intermediate
@@ -37,15 +38,6 @@ RATE_BF16 = 790e12
 RATE_INT8 = 1580e12
 # relative-error tolerances of the sampled-row check, by activation format
 TOL = {"a16": 1e-2, "a8": 2e-2, "fp8": 3e-2, "a4": 6e-2}
-
-
-def zipf_group_sizes(tokens: int, e: int, top_k: int, seed: int = 0, alpha: float = 1.2):
-    """Tokens per expert for ``tokens`` tokens routed top-k over a Zipf-like expert popularity."""
-    rng = np.random.default_rng(seed)
-    p = 1.0 / (1.0 + rng.permutation(e)) ** alpha
-    g = rng.gumbel(size=(tokens, e)) + np.log(p)[None, :]
-    chosen = np.argpartition(-g, top_k - 1, axis=1)[:, :top_k]
-    return np.bincount(chosen.ravel(), minlength=e).astype(np.int32)
 
 
 def _f(v) -> str:

@@ -87,6 +87,18 @@ def _timer(interpret: bool, reps: int):
     return lambda fn, *a: round(float(device_time_us(fn, *a, n=reps)), 1)
 
 
+def _kernel_times(interpret: bool, reps: int):
+    """``fn, *args -> {kernel: device us per call}`` (where a mixed call's time goes), or None."""
+    if interpret:
+        return lambda fn, *a: None
+    from mxmoe_jax.perf.timing import device_time_us
+
+    def kernels(fn, *args):
+        _, by_name = device_time_us(fn, *args, n=reps, detail=True)
+        return {k: round(float(v), 2) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])}
+    return kernels
+
+
 def stacks_for(w, assignment, schemes):
     """The packed (or bf16) stacks of ``w [E, K, N]`` f32 for an assignment over ``schemes``."""
     import jax.numpy as jnp
@@ -112,6 +124,7 @@ def gemm_rows(shape: MoEShapes, tokens: int, *, interpret: bool, reps: int, seed
     from mxmoe_jax import ops
 
     timed = _timer(interpret, reps)
+    kernels = _kernel_times(interpret, reps)
     e, d, n = shape.num_experts, shape.hidden, 2 * shape.moe_inter
     gs_np = zipf_group_sizes(tokens, e, shape.top_k, seed=seed)
     gs = jnp.asarray(gs_np)
@@ -142,7 +155,7 @@ def gemm_rows(shape: MoEShapes, tokens: int, *, interpret: bool, reps: int, seed
         ok = bool(all(v < TOL for v in check.values()) and np.isfinite(y1).all())
         for path, fn in (("one_launch", one), ("per_scheme", per)):
             _add(rows, dict(base, variant=mix_name, path=path, us=timed(fn, x, gs), ok=ok,
-                             **check))
+                            **check, kernels=kernels(fn, x, gs)))
     return rows
 
 

@@ -100,16 +100,16 @@ def make_tiles(group_sizes: jax.Array, m: int, bm: int, *, experts=None, rest: b
     store zeros. Built from cumulative sums and one ``[tiles, E]`` comparison (no sort, no
     search loop), so XLA fuses it into a few small kernels.
 
-    ``experts`` (static, ascending): tile only these experts' rows (one scheme of a mixed layer);
-    tile experts are then indices into ``experts`` (``len(experts)`` for the rest rows), rows stay
-    those of the whole sorted ``[M]``. ``rest=False``: no tiles for rows past the sum.
+    ``experts`` (ascending; static, or an int32 array of static length): tile only these
+    experts' rows (one scheme of a mixed layer); tile experts are then indices into ``experts``
+    (``len(experts)`` for the rest rows), rows stay those of the whole sorted ``[M]``. ``rest=False``: no tiles for rows past the sum.
     ``with_count``: also return the number of non-padding tiles (a traced scalar).
     """
     gs = group_sizes.astype(jnp.int32)
     ends = jnp.cumsum(gs)
     starts = ends - gs
     if experts is not None:
-        idx = np.asarray(experts, np.int32)
+        idx = experts if isinstance(experts, jax.Array) else np.asarray(experts, np.int32)
         gs, starts, ends = gs[idx], starts[idx], ends[idx]
     e = gs.shape[0]
     total = jnp.sum(group_sizes.astype(jnp.int32))

@@ -69,7 +69,8 @@ from .tile_config import TileConfig
 @dataclass(frozen=True)
 class Job:
     """One grouped GEMM of a mixed launch: ``x [M, K]`` rows sorted by expert, the weight stacks
-    (an array ``[n_i, K, N]`` or a ``PackedWeight``) and the static expert -> stack assignment."""
+    (an array ``[n_i, K, N]`` or a ``PackedWeight``) and the expert -> stack assignment (a static
+    tuple, or an int32 array: see ``mixed_grouped_matmul``)."""
 
     x: jax.Array
     weights_by_scheme: tuple
@@ -101,7 +102,17 @@ def validate(job: Job, epilogue: str) -> tuple[int, int]:
         raise ValueError(f"assignment: {len(assignment)} entries for {e} experts")
     if not ws:
         raise ValueError("weights_by_scheme: no weight stacks")
+    if isinstance(assignment, jax.Array):
+        if assignment.ndim != 1 or not jnp.issubdtype(assignment.dtype, jnp.integer):
+            raise ValueError(f"assignment: a runtime assignment must be int [E], got "
+                             f"{assignment.dtype}{tuple(assignment.shape)}")
+        if isinstance(assignment, jax.core.Tracer):  # traced: checked where it is concrete
+            assignment = None
+        else:
+            assignment = tuple(int(a) for a in assignment)
     for i, w in enumerate(ws):
+        if assignment is None:
+            continue
         n_i = sum(1 for a in assignment if a == i)
         if _lead(w) != n_i:
             raise ValueError(f"weights_by_scheme[{i}]: stacks {_lead(w)} experts but the "
@@ -110,7 +121,7 @@ def validate(job: Job, epilogue: str) -> tuple[int, int]:
             raise ValueError(f"weights_by_scheme[{i}]: no expert is assigned to it")
         if not isinstance(w, PackedWeight) and w.ndim != 3:
             raise ValueError(f"weights_by_scheme[{i}]: expected [n, K, N], got {w.shape}")
-    if any(not 0 <= a < len(ws) for a in assignment):
+    if assignment is not None and any(not 0 <= a < len(ws) for a in assignment):
         raise ValueError(f"assignment: entries must index weights_by_scheme (0..{len(ws) - 1})")
     kns = {_kn(w) for w in ws}
     if len(kns) != 1:
@@ -127,6 +138,14 @@ def validate(job: Job, epilogue: str) -> tuple[int, int]:
             raise ValueError(f"weights_by_scheme: {_scheme(w).name} has K-groups the kernels do "
                              f"not run on K={k}; use the reference")
     return k, n
+
+
+def _experts_of(assignment, si: int, count: int):
+    """The experts of stack ``si`` in ascending order: a static tuple for a static assignment,
+    an int32 array of the static length ``count`` (the stack's size) for a runtime one."""
+    if isinstance(assignment, jax.Array):
+        return jnp.nonzero(assignment == si, size=count, fill_value=0)[0].astype(jnp.int32)
+    return tuple(ex for ex in range(len(assignment)) if assignment[ex] == si)
 
 
 def program_cost(seg: Segment) -> float:
@@ -217,7 +236,7 @@ def mixed_launch(jobs: list[Job], *, tiles: dict | None = None, launch: LaunchCo
         acts: dict = {}
         for si, w in enumerate(job.weights_by_scheme):
             scheme = _scheme(w)
-            experts = tuple(ex for ex in range(e) if job.assignment[ex] == si)
+            experts = _experts_of(job.assignment, si, _lead(w))
             cfg = (tiles or {}).get((ji, si)) or tuning.choose_tile(scheme, m=m, e=e, n=n, k=k)
             named = {"x": job.x, "xs": None, "w": w, "scale": None, "offset": None}
             if isinstance(w, PackedWeight):
@@ -314,13 +333,17 @@ def mixed_grouped_matmul(x: jax.Array, weights_by_scheme, group_sizes: jax.Array
 
     ``weights_by_scheme[i]``: the stacked weights (bf16/f16 array ``[n_i, K, N]`` or
     ``PackedWeight``) of the experts ``e`` with ``assignment[e] == i``, in ascending order;
-    ``assignment``: a static tuple of ``E`` stack indices; ``group_sizes [E]`` rows per expert
-    (rows past the sum come out as zeros). ``tiles``: ``{stack: TileConfig}``. See
-    ``mixed_launch`` for the rest.
+    ``assignment``: ``E`` stack indices, a static tuple, or an int32 array (runtime data: which
+    experts a stack holds can change without a recompile, only the stack sizes are static; a
+    traced array is trusted to give stack ``i`` exactly ``n_i`` experts, a concrete one is
+    checked); ``group_sizes [E]`` rows per expert (rows past the sum come out as zeros).
+    ``tiles``: ``{stack: TileConfig}``. See ``mixed_launch`` for the rest.
     """
     tiles = None if tiles is None else {(0, i): t for i, t in tiles.items()}
+    if not isinstance(assignment, jax.Array):
+        assignment = tuple(int(a) for a in assignment)
     job = Job(x=x, weights_by_scheme=tuple(weights_by_scheme), group_sizes=group_sizes,
-              assignment=tuple(int(a) for a in assignment))
+              assignment=assignment)
     return mixed_launch([job], tiles=tiles, launch=launch, interpret=interpret,
                         out_dtype=out_dtype, epilogue=epilogue, dequant_first=dequant_first,
                         poison=poison)[0]

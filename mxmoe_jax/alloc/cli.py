@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "by its measured loss per unit of Δ² (matters with --mode model)")
     p.add_argument("--schemes", nargs="+", metavar="S",
                    help="candidate schemes (default: every scheme in loss.json)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a measured perf.json from another GPU or other kernels (default: "
+                        "warn)")
     p.add_argument("--hull", type=int, default=4,
                    help="frontier points per layer to find for the plot (default 4)")
     p.add_argument("--grid", type=int, default=0,
@@ -85,6 +88,13 @@ def main(args: argparse.Namespace) -> int:
     from mxmoe_jax.alloc.solve import SolveConfig, solve_allocation
 
     inputs = load_inputs(args.trace, args.loss, args.perf, batch=args.batch, schemes=args.schemes)
+    from mxmoe_jax.perf.profile import current_device, kernel_version
+
+    for msg in inputs.perf.check_provenance(device=current_device(),
+                                            kernel_version=kernel_version(), strict=args.strict,
+                                            warn=False):
+        print(f"mxmoe-jax solve: warning: {msg}", file=sys.stderr)
+    print(f"time model: {inputs.perf.label}", file=sys.stderr)
     meta = dict(trace=args.trace, loss=args.loss)
     if args.sensitivity:
         from mxmoe_jax.alloc.problem import layer_weights, load_sensitivity, weigh_layers

@@ -8,8 +8,10 @@ Per MoE layer and expert (routed ``0..E-1``, then the shared expert ``E`` if the
   GEMM ``[m, hidden] x [hidden, 2 * inter]``, so they share a scheme: loss ``Δ_gate + Δ_up``) and
   ``down`` (``[m, inter] x [inter, hidden]``); the shared expert's ``inter`` is
   ``num_shared_experts * NK[0]`` (its true size);
-* time: the perf table's best tile for that GEMM, less one launch (the mixed layer is one launch per
-  GEMM kind, paid once per layer as ``t0``);
+* time: the expert's share of its GEMM's launch, ``PerfModel.share_us`` (the perf table's best
+  tile, less one launch, over the experts the point was measured with); the mixed layer is one
+  launch per GEMM kind, paid once per layer as ``t0``; the layer time is then
+  ``perf.predict.layer_us``;
 * storage: ``QScheme.bits_per_weight(k)`` (scales and offsets included) x the block's weights;
 * activation bits: 16 for weight-only schemes, ``a_bits + 16 / group_size`` (one 16-bit scale per
   group; per token: ``16 / k``) otherwise, averaged over weights like the weight bits.
@@ -170,9 +172,8 @@ def build_inputs(trace: dict, loss: dict, perf: PerfModel, *, batch: int,
                         what = "" if q.name == s else f" (what {s} is at this K)"
                         perf_missing.add(f"{q.name} n={n} k={k}{what}")
                         continue
-                    m = tokens[i]
-                    t[i, g, j] = 0.0 if m <= 0 else max(
-                        0.0, perf.cost_us(q, m, n, k) - perf.launch_us)
+                    # the expert's share of the layer's one launch (perf.predict)
+                    t[i, g, j] = perf.share_us(q, tokens[i], n, k)
         # gate and up share one scheme: the group is offered only where both have a loss
         layers.append(LayerData(layer=layer, experts=experts, tokens=tokens, inter=inter, loss=d,
                                 time=t, bpw=bpw, abpw=abpw, size=size, t0=2 * perf.launch_us))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 
 pytest.importorskip("pulp", reason="the solver needs PuLP, which is not installed here")
@@ -231,3 +232,42 @@ def test_sensitivity_weights_move_bits_to_the_weighted_layer(files, tmp_path):
     assert cli([*base, "--sensitivity", str(tmp_path / "short.json"),
                 "--out", str(tmp_path / "bad.json")]) == 2
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_solver_time_is_the_predicted_layer_time(files):
+    """The MILP's time of an allocation (Σ per-expert times + t0) is `perf.predict.layer_us`."""
+    from mxmoe_jax.perf.predict import layer_us
+    from mxmoe_jax.perf.shapes import MoEShapes
+
+    inputs = inputs_of(files, schemes=["w16a16", "w8a8_g-1_sym", "w4a16_g128_asym"])
+    rng = np.random.default_rng(0)
+    for ld in inputs.layers:
+        e = len(ld.experts) - 1  # the shared expert is last
+        pick = rng.integers(0, len(inputs.schemes), size=(e + 1, 2))
+        milp = ld.t0 + sum(ld.time[x, g, pick[x, g]] for x in range(e + 1) for g in range(2))
+        names = [[inputs.schemes[pick[x, g]] for x in range(e + 1)] for g in range(2)]
+        shape = MoEShapes(name="t", hidden=HIDDEN, moe_inter=INTER, num_experts=e, top_k=2,
+                          shared_inter=int(INTER * RATIO))
+        want = layer_us(inputs.perf, shape, names[0][:e], names[1][:e], ld.tokens[:e],
+                        shared=(names[0][e], names[1][e]), tokens=ld.tokens[e])
+        assert np.isfinite(milp) and milp == pytest.approx(want, rel=1e-12)
+
+
+def test_cli_warns_on_a_measured_table_from_other_kernels(files, tmp_path, capsys):
+    trace, loss, perf = files
+    stale = dict(perf.table, source="measured", device="NVIDIA H200",
+                 kernel_version="pallas-000000000000")
+    paths = {}
+    for name, obj in (("trace", trace), ("loss", loss), ("perf", stale)):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(obj))
+    out = tmp_path / "q.json"
+    args = ["solve", "--trace", str(paths["trace"]), "--loss", str(paths["loss"]), "--perf",
+            str(paths["perf"]), "--batch", "128", "--wbits", "4.25", "--out", str(out),
+            "--no-plots", "--hull", "2"]
+    assert cli(args + ["--strict"]) == 2
+    err = capsys.readouterr().err
+    assert "kernels 'pallas-000000000000'" in err and "--strict" in err and not out.exists()
+    assert cli(args) == 0
+    err = capsys.readouterr().err
+    assert "solve: warning:" in err and "re-run `mxmoe-jax profile`" in err and out.exists()

@@ -170,3 +170,34 @@ def test_lowers_for_cuda_as_one_kernel(triton_ir, epilogue):
     mixed = [ir for ir in irs if "mixed_gmm" in ir]
     assert len(mixed) == 1, [ir[:80] for ir in irs]
     assert mixed[0].count("tt.dot") >= 5  # a dot per scheme branch (two per branch for swiglu)
+
+
+def test_runtime_assignment_reassigns_experts_without_a_recompile(interpret):
+    """An int32 ``assignment`` is data: two assignments with the same stack sizes run through
+    one compiled call, each equal to the reference of its own assignment."""
+    schemes = ["w4a16_g128_asym", "w8a8_g-1_sym"]
+    x, _, _, gs, _ = random_layer(5, "mixed", schemes)
+    e, k, n = gs.shape[0], x.shape[1], 48
+    w = jax.random.normal(jax.random.key(7), (e, k, n), jnp.float32)
+    f = jax.jit(lambda x, stacks, gs, a: mixed_grouped_matmul(
+        x, stacks, gs, a, interpret=interpret, tiles={0: SMALL, 1: SMALL}, poison=True))
+    cases = []
+    for order in ([0, 1, 0, 1, 0, 1, 1], [1, 1, 0, 0, 1, 1, 0]):
+        a = np.asarray(order)
+        parts = []
+        for i, s in enumerate(schemes):
+            experts = [int(ex) for ex in np.nonzero(a == i)[0]]
+            parts.append((packing.pack(quantize_rtn(w[np.asarray(experts)], s)), experts))
+        cases.append((a, parts, _by_scheme_reference(x, parts, gs, jnp.float32)))
+    sizes = []
+    # the first call of a process can register JAX config states (a new trace context), so the
+    # first assignment runs twice and the cache is compared from then on
+    for a, parts, ref in (cases[0], *cases):
+        out = f(x, [p for p, _ in parts], gs, jnp.asarray(a, jnp.int32))
+        assert _rel(out, ref) < TOL
+        sizes.append(f._cache_size())
+    assert sizes[2] == sizes[1]  # the second assignment: no new compile
+    with pytest.raises(ValueError, match=r"weights_by_scheme\[0\]: stacks 3 experts but the "
+                                         "assignment gives it 4"):
+        mixed_grouped_matmul(x, [p for p, _ in parts], gs, jnp.asarray([0, 0, 0, 0, 1, 1, 1]),
+                             interpret=True)
