@@ -43,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input: one clear line, no traceback.
         print(f"mxmoe-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: every writer has already cleaned up after itself (temporary names, partial
+        # files kept for resuming); say so in one line, exit 130 as shells do for SIGINT
+        print(f"\nmxmoe-jax {args.command}: interrupted; finished work is kept and a rerun "
+              "resumes or starts afresh", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -34,6 +34,30 @@ def load_tokenizer(path: str | os.PathLike):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
+# a tokenizer with fewer tokens than this share of the embedding rows is not the model's (real
+# checkpoints pad the embedding by < 3%: Qwen 151646 of 151936, DeepSeek-V2 100015 of 102400)
+MIN_VOCAB_SHARE = 0.9
+
+
+def check_tokenizer(tokenizer, cfg, source: str | os.PathLike) -> None:
+    """Refuse a tokenizer that does not belong to the model: more tokens than the embedding has
+    rows (ids past it would be garbage or NaN) or far fewer (another model's vocabulary)."""
+    have, rows = len(tokenizer), int(cfg.vocab_size)
+    if have > rows or have < MIN_VOCAB_SHARE * rows:
+        raise ValueError(
+            f"tokenizer {source} has {have} tokens but the model's embedding has {rows} rows: it "
+            "is not this model's tokenizer (pass the model's own with --tokenizer DIR)")
+
+
+def check_seqlen(cfg, seqlen: int) -> None:
+    """Refuse windows longer than the model's context (``max_position_embeddings``)."""
+    if seqlen < 1:
+        raise ValueError(f"--seqlen: must be >= 1, got {seqlen}")
+    if seqlen > cfg.max_position_embeddings:
+        raise ValueError(f"--seqlen: {seqlen} is longer than the model's context "
+                         f"(max_position_embeddings = {cfg.max_position_embeddings})")
+
+
 def read_texts(files: Sequence[str | os.PathLike]) -> str:
     """The files' UTF-8 text joined by blank lines (one file: its text unchanged)."""
     if isinstance(files, str | os.PathLike):

@@ -31,15 +31,19 @@ def write_json_atomic(path: str | os.PathLike, obj, *, force: bool = True) -> Pa
 
 
 def read_json(path: str | os.PathLike, what: str, fmt: str | None = None) -> dict:
-    """Read a JSON artifact; a missing file, invalid JSON or (with ``fmt``) another ``format`` tag
-    is an error naming the file and ``what`` it should have been."""
+    """Read a JSON artifact; a missing file, invalid JSON or UTF-8, anything but a JSON object,
+    or (with ``fmt``) another ``format`` tag is an error naming the file and ``what`` it should
+    have been."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: {what} not found")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a {what} is a JSON object, this file holds a JSON "
+                         f"{type(data).__name__}")
     if fmt is not None and (not isinstance(data, dict) or data.get("format") != fmt):
         got = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"{path}: format {got!r} is not {fmt!r} (expected a {what})")

@@ -133,10 +133,6 @@ def _prepare_out(out: Path, fresh: bool) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import jax
-
-    from mxmoe_jax.convert.hf_to_flax import convert_hf
-
     out = Path(args.out)
     if args.model and (not args.calib or not args.eval_text):
         raise ValueError("--calib and --eval are required with --model")
@@ -145,7 +141,27 @@ def main(args: argparse.Namespace) -> int:
 
         if args.shapes_of not in PRESETS:
             raise ValueError(f"--shapes-of: {args.shapes_of!r} is not one of {', '.join(PRESETS)}")
+    if args.model and not (Path(args.model) / "config.json").is_file():
+        raise FileNotFoundError(f"--model: {args.model} has no config.json (a Hugging Face "
+                                "checkpoint folder is expected)")
+    for f in [*(args.calib or []), *([args.eval_text] if args.eval_text else [])]:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"--calib/--eval: text file {f} does not exist")
+    created = not out.exists()
     _prepare_out(out, args.fresh or args.force)
+    try:
+        return _run(args, out)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # an error before any stage wrote something leaves no empty --out
+        raise
+
+
+def _run(args: argparse.Namespace, out: Path) -> int:
+    import jax
+
+    from mxmoe_jax.convert.hf_to_flax import convert_hf
+
     report: dict = {"out": str(out), "stages": {}}
     st = Stages(out, report)
 

@@ -102,7 +102,8 @@ def make_tiles(group_sizes: jax.Array, m: int, bm: int, *, experts=None, rest: b
 
     ``experts`` (ascending; static, or an int32 array of static length): tile only these
     experts' rows (one scheme of a mixed layer); tile experts are then indices into ``experts``
-    (``len(experts)`` for the rest rows), rows stay those of the whole sorted ``[M]``. ``rest=False``: no tiles for rows past the sum.
+    (``len(experts)`` for the rest rows), rows stay those of the whole sorted ``[M]``.
+    ``rest=False``: no tiles for rows past the sum.
     ``with_count``: also return the number of non-padding tiles (a traced scalar).
     """
     gs = group_sizes.astype(jnp.int32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -68,7 +69,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
-    from mxmoe_jax.data import load_tokenizer, tokenize_texts, whole_windows
+    from mxmoe_jax.data import (
+        check_seqlen,
+        check_tokenizer,
+        load_tokenizer,
+        tokenize_texts,
+        whole_windows,
+    )
     from mxmoe_jax.eval.perplexity import perplexity
     from mxmoe_jax.models import forward
     from mxmoe_jax.ops import kernel_mode
@@ -84,7 +91,10 @@ def main(args: argparse.Namespace) -> int:
         check_quantizer(args.qconfig, _config(args),
                         allow_mismatch=args.allow_quantizer_mismatch)
     dtype = jnp.float32 if args.dtype == "fp32" else jnp.bfloat16
+    cfg = _model_config(args.model)
+    check_seqlen(cfg, args.seqlen)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
+    check_tokenizer(tokenizer, cfg, args.tokenizer or args.model)
     ids = whole_windows(tokenize_texts(tokenizer, [args.text]), args.seqlen, args.max_windows)
     if in_memory:
         model = _quantize(args, dtype)
@@ -102,6 +112,16 @@ def main(args: argparse.Namespace) -> int:
         print(f"ppl {result.ppl:.4f}  (mean NLL {result.nll:.5f} over {result.tokens} tokens, "
               f"{result.windows} windows of {args.seqlen})")
     return 0
+
+
+def _model_config(path: str):
+    """The ModelConfig of a MODEL_DIR or QMODEL_DIR (both carry model.json), no weights read."""
+    from mxmoe_jax.models.io import load_config
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"--model: {path} is not a folder (a MODEL_DIR from `convert` or "
+                                "a QMODEL_DIR from `quantize`)")
+    return load_config(path)
 
 
 def _config(args: argparse.Namespace):

@@ -22,6 +22,7 @@ leaves nothing half-written; an existing non-empty MODEL_DIR is replaced only wi
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -111,6 +112,16 @@ def check_out_dir(out: str | os.PathLike, force: bool) -> Path:
     return out
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
 class AtomicDir:
     """A folder written under a temporary sibling name and renamed into place on success.
 
@@ -125,10 +136,19 @@ class AtomicDir:
 
     def __enter__(self) -> Path:
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        self._remove_stale()
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir()
         return self.tmp
+
+    def _remove_stale(self) -> None:
+        """Remove temporary folders of ``out`` left by processes that no longer run (a
+        ``kill -9`` mid-write); those of live processes (another writer) are left alone."""
+        for stale in self.out.parent.glob(f".{glob.escape(self.out.name)}.tmp-*"):
+            pid = stale.name.rsplit("-", 1)[1]
+            if pid.isdigit() and not _alive(int(pid)) and stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:

@@ -132,7 +132,8 @@ class PerfModel:
         """Problems using this table here: a measured table from another GPU than ``device``
         (None: no GPU here, nothing to compare) or from kernels other than ``kernel_version``.
         Each is warned (``UserWarning``; not with ``warn=False``: the CLI prints them), or raised
-        as ``ValueError`` with ``strict``; returns them. An analytic table is a fallback by construction and is not checked."""
+        as ``ValueError`` with ``strict``; returns them. An analytic table is a fallback by
+        construction and is not checked."""
         if self.source != "measured":
             return []
         where = self.path or "perf table"

@@ -87,12 +87,20 @@ def quantize_in_memory(model, allocation: Allocation, config: QuantizeConfig, *,
         model, rotation = rotate_model(model, seed=config.seed, online_down=True)
     quantized = None
     if config.method == "gptq":
-        from mxmoe_jax.data import load_tokenizer, sample_windows, tokenize_texts
+        from mxmoe_jax.data import (
+            check_seqlen,
+            check_tokenizer,
+            load_tokenizer,
+            sample_windows,
+            tokenize_texts,
+        )
         from mxmoe_jax.quantize.gptq import gptq_weights
 
         if tokenizer_dir is None:
             raise ValueError("tokenizer_dir: GPTQ needs the tokenizer of the calibration text")
+        check_seqlen(model.cfg, config.seqlen)
         tok = load_tokenizer(tokenizer_dir)
+        check_tokenizer(tok, model.cfg, tokenizer_dir)
         ids = sample_windows(tokenize_texts(tok, list(config.calib)), config.seqlen,
                              config.calib_windows, seed=config.seed)
         quantized = gptq_weights(model, ids, allocation, progress=progress)

@@ -240,3 +240,15 @@ def test_export_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="layers/2"):
         export_hf(model_dir, tmp_path / "hf2")
     _assert_nothing_written(tmp_path, tmp_path / "hf2")
+
+
+def test_a_killed_writers_temporary_folder_is_removed_by_the_next_run(tmp_path):
+    """``kill -9`` mid-write leaves ``.<out>.tmp-<pid>``; the next write of that ``--out`` removes
+    it when that process is gone, and leaves a live process's (another writer's) alone."""
+    dead = tmp_path / ".model.tmp-4194999"  # above Linux's largest pid (2^22): never alive
+    live = tmp_path / f".model.tmp-{os.getppid()}"
+    for d in (dead, live):
+        d.mkdir()
+        (d / "params.bin").write_bytes(b"half")
+    convert_hf(HF_FIXTURES / SINGLE, tmp_path / "model", "fp32")
+    assert not dead.exists() and live.exists() and (tmp_path / "model" / "model.json").is_file()
