@@ -157,6 +157,21 @@ class ModelConfig:
         """Indices of the MoE layers, in order."""
         return tuple(i for i in range(self.num_layers) if self.is_moe_layer(i))
 
+    def fingerprint(self) -> str:
+        """``<model_type>-<12 hex>``: a hash of what the artifacts of this model depend on (its
+        family, vocabulary, layer count, MoE layers, expert count and sizes, top-k). trace.json,
+        loss.json and qconfig.json carry it and every consumer compares it with its model's."""
+        import hashlib
+        import json
+
+        key = dict(model_type=self.model_type, vocab=self.vocab_size, hidden=self.hidden_size,
+                   layers=self.num_layers, moe_layers=list(self.moe_layers),
+                   experts=self.num_experts, top_k=self.num_experts_per_tok,
+                   moe_inter=self.moe_intermediate_size, inter=self.intermediate_size,
+                   shared=self.shared_intermediate_size)
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+        return f"{self.model_type}-{digest}"
+
     # ------------------------------------------------------------------ (de)serialisation
 
     def to_dict(self) -> dict[str, Any]:

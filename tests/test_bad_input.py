@@ -133,3 +133,47 @@ print("codes", codes)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "codes [2, 2, 2, 2, 0]" in res.stdout, res.stdout + res.stderr[-2000:]
     assert "pulp" not in res.stderr.lower()
+
+
+def test_solve_refuses_a_loss_table_of_another_model(tmp_path):
+    """A 4-layer 8-expert trace with a 6-layer 16-expert loss table (or a different
+    fingerprint) is refused, not solved into a 4-layer qconfig."""
+    from mxmoe_jax.alloc.check_uniform import perf_for_trace
+    from mxmoe_jax.alloc.problem import build_inputs
+    from mxmoe_jax.alloc.synthetic import synthetic_loss, synthetic_trace
+
+    schemes = ["w16a16", "w4a16_g-1_asym"]
+    small = synthetic_trace(num_layers=4, num_experts=8, top_k=2, moe_inter=64, hidden=128,
+                            shared_ratio=0, num_tokens=256, seed=1)
+    big = synthetic_trace(num_layers=6, num_experts=16, top_k=2, moe_inter=64, hidden=128,
+                          shared_ratio=0, num_tokens=256, seed=1)
+    perf = perf_for_trace(small, schemes)
+    with pytest.raises(ValueError, match="not of the same model"):
+        build_inputs(small, synthetic_loss(big, schemes, seed=1), perf, batch=64)
+    fewer_layers_more_experts = synthetic_loss(big, schemes, seed=1)
+    for table in fewer_layers_more_experts["losses"].values():
+        for layer in ("4", "5"):
+            table.pop(layer, None)
+    with pytest.raises(ValueError, match="has 16 experts, trace 8"):
+        build_inputs(small, fewer_layers_more_experts, perf, batch=64)
+    loss = synthetic_loss(small, schemes, seed=1)
+    build_inputs(small, loss, perf, batch=64)  # the same model: fine
+    other = dict(small, model_fingerprint="qwen2_moe-aaaaaaaaaaaa")
+    loss["meta"] = dict(loss.get("meta", {}), model_fingerprint="qwen2_moe-bbbbbbbbbbbb")
+    with pytest.raises(ValueError, match="different models"):
+        build_inputs(other, loss, perf, batch=64)
+
+
+def test_qconfig_of_another_model_is_refused_by_its_fingerprint():
+    from mxmoe_jax.alloc.qconfig import Allocation, make_qconfig
+    from mxmoe_jax.config import ModelConfig
+    from tests.models.test_moe import tiny_cfg
+
+    cfg = tiny_cfg()
+    layers = Allocation.uniform(cfg, "w4a16_g-1_asym").to_layers()
+    q = make_qconfig(layers, meta={"model_fingerprint": cfg.fingerprint()}, summary={})
+    Allocation.from_qconfig(cfg, q)  # its own model: fine
+    wider = ModelConfig.from_dict(dict(cfg.to_dict(), vocab_size=cfg.vocab_size + 64))
+    assert wider.fingerprint() != cfg.fingerprint()
+    with pytest.raises(ValueError, match="made for model"):
+        Allocation.from_qconfig(wider, q)

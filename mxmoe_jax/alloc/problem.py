@@ -132,8 +132,18 @@ def build_inputs(trace: dict, loss: dict, perf: PerfModel, *, batch: int,
                          f"(it has {', '.join(sorted(canon))}); calibrate them or drop them "
                          "from --schemes")
 
+    fp_t, fp_l = trace.get("model_fingerprint"), loss.get("meta", {}).get("model_fingerprint")
+    if fp_t and fp_l and fp_t != fp_l:
+        raise ValueError(f"{tname} and {lname} are of different models (model_fingerprint "
+                         f"{fp_t} vs {fp_l}); trace and calibrate the same model")
+    t_layers = _moe_layers(trace)
+    for name in want:  # layers the trace does not have: another model (missing ones: gaps)
+        extra = sorted(set(table[canon[name]]) - set(t_layers))
+        if extra:
+            raise ValueError(f"{lname}: {name} has layers {extra} that {tname} does not (its MoE "
+                             f"layers: {t_layers}); they are not of the same model")
     layers, gaps, perf_missing = [], [], set()
-    for layer in _moe_layers(trace):
+    for layer in t_layers:
         key = f"layer-{layer}"
         if key not in trace:
             raise ValueError(f"{tname}: moe_layers lists {layer} but has no {key!r}")
@@ -149,6 +159,10 @@ def build_inputs(trace: dict, loss: dict, perf: PerfModel, *, batch: int,
             if per_layer is None:
                 gaps.append(f"{s} layer {layer}")
                 continue
+            if set(per_layer) - set(experts):
+                raise ValueError(f"{lname}: {s} layer {layer} has {len(per_layer)} experts, "
+                                 f"{tname} {len(experts)} (routed + shared); they are not of "
+                                 "the same model")
             for i, e in enumerate(experts):
                 row = per_layer.get(e)
                 if row is None or len(row) != 3:

@@ -280,8 +280,13 @@ class Allocation:
 
     @classmethod
     def from_qconfig(cls, cfg, q: dict, where: str = "qconfig") -> Allocation:
-        """The allocation of a qconfig.json dict, checked against the model ``cfg``."""
+        """The allocation of a qconfig.json dict, checked against the model ``cfg`` (and its
+        ``meta.model_fingerprint``, when the qconfig records one)."""
         validate_qconfig(q, where)
+        fp = (q.get("meta") or {}).get("model_fingerprint")
+        if fp and fp != cfg.fingerprint():
+            raise ValueError(f"{where}: made for model {fp}, this model is {cfg.fingerprint()} "
+                             "(solve it from this model's trace and loss)")
         return cls(cfg, {(int(li), int(e), b): s for li, experts in q["layers"].items()
                          for e, blocks in experts.items() for b, s in blocks.items()},
                    where=where)

@@ -42,6 +42,7 @@ def scale_trace(trace: dict, shapes: MoEShapes) -> dict:
     out.update(NK=[shapes.moe_inter, shapes.hidden], topk=k_new,
                num_layers=shapes.num_moe_layers, moe_layers=list(range(shapes.num_moe_layers)),
                num_shared_experts=shapes.shared_inter / shapes.moe_inter,
+               model_fingerprint=f"preset-{shapes.name}",  # no longer the small model's
                scaled_from=dict(model=trace.get("model"), shapes=shapes.name,
                                 rule="layer l <- floor(l * L_small / L_preset); expert e <- "
                                      "e mod E_small; tokens renormalised"))
@@ -62,6 +63,7 @@ def scale_loss(loss: dict, trace: dict, shapes: MoEShapes) -> dict:
     has_shared = float(trace.get("num_shared_experts", 0) or 0) > 0
     out = {"format": loss["format"], "meta": copy.deepcopy(loss.get("meta", {})), "losses": {}}
     out["meta"]["scaled_from"] = dict(shapes=shapes.name, rule="see mxmoe_jax.alloc.scale")
+    out["meta"]["model_fingerprint"] = f"preset-{shapes.name}"
     for scheme, per_layer in loss["losses"].items():
         new = {}
         for layer in range(shapes.num_moe_layers):

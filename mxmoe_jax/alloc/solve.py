@@ -173,6 +173,8 @@ def solve_allocation(inputs: AllocInputs, cfg: SolveConfig, *, progress: bool = 
                      # the losses are this quantizer's: quantize / eval refuse another one
                      quantizer=quantizer_record(inputs.loss_meta),
                      solver=cfg.solver,
+                     model_fingerprint=(inputs.trace_meta.get("model_fingerprint")
+                                        or inputs.loss_meta.get("model_fingerprint")),
                      created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
     full_meta.update(meta or {})
     q = make_qconfig(assignment, meta=full_meta, summary=summary)

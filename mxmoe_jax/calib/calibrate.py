@@ -450,7 +450,8 @@ def calibrate(model, windows: np.ndarray, config: CalibConfig, *, meta: dict,
         raise ValueError(f"windows: expected [S, T] token ids, got shape {windows.shape}")
     s_windows, t = windows.shape
     schemes = [QScheme.parse(s) for s in config.schemes]
-    meta = dict(meta, method=config.method, hadamard=config.hadamard, metric=config.metric,
+    meta = dict(meta, model_fingerprint=cfg.fingerprint(), method=config.method,
+                hadamard=config.hadamard, metric=config.metric,
                 num_tokens=int(windows.size), seqlen=int(t), schemes=list(config.schemes))
     substituted = group_size_substitutions(cfg, schemes)
     if substituted:  # Δ of those blocks is the substituted scheme's, under the requested name

@@ -97,7 +97,8 @@ def build_trace(cfg, counts: np.ndarray, wsums: np.ndarray, *, model: str,
     if counts.shape[0] != len(moe_layers):
         raise ValueError(f"counts: {counts.shape[0]} layers, the model has {len(moe_layers)} MoE")
     out = {
-        "format": FORMAT, "model": str(model), "text": [str(f) for f in text],
+        "format": FORMAT, "model": str(model), "model_fingerprint": cfg.fingerprint(),
+        "text": [str(f) for f in text],
         "topk": cfg.num_experts_per_tok, "NK": [cfg.moe_intermediate_size, cfg.hidden_size],
         "num_layers": len(moe_layers), "num_tokens": int(num_tokens),
         "num_samples": int(counts.shape[1]),
