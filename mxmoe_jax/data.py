@@ -58,6 +58,17 @@ def check_seqlen(cfg, seqlen: int) -> None:
                          f"(max_position_embeddings = {cfg.max_position_embeddings})")
 
 
+def model_windows(cfg, tokenizer_dir: str | os.PathLike, files, *, seqlen: int, nsamples: int,
+                  sampling: str = "sample", seed: int = 42) -> np.ndarray:
+    """``token_windows`` of ``files`` tokenized with the model's tokenizer, after checking that
+    the tokenizer is the model's (`check_tokenizer`) and ``seqlen`` fits its context."""
+    check_seqlen(cfg, seqlen)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    check_tokenizer(tokenizer, cfg, tokenizer_dir)
+    return token_windows(tokenize_texts(tokenizer, files), seqlen=seqlen, nsamples=nsamples,
+                         sampling=sampling, seed=seed)
+
+
 def read_texts(files: Sequence[str | os.PathLike]) -> str:
     """The files' UTF-8 text joined by blank lines (one file: its text unchanged)."""
     if isinstance(files, str | os.PathLike):

@@ -591,21 +591,11 @@ def calibrate_files(model_dir: str | os.PathLike, text: Sequence[str | os.PathLi
     Resumes from ``<out>.partial.json`` when a previous run with the same settings left one; the
     partial file is removed once ``out`` is written.
     """
-    from mxmoe_jax.data import (
-        check_seqlen,
-        check_tokenizer,
-        load_tokenizer,
-        token_windows,
-        tokenize_texts,
-    )
+    from mxmoe_jax.data import model_windows
     from mxmoe_jax.models.io import load_config, load_model_dir
 
-    cfg = load_config(model_dir)
-    check_seqlen(cfg, seqlen)
-    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
-    check_tokenizer(tokenizer, cfg, tokenizer_dir or model_dir)
-    ids = token_windows(tokenize_texts(tokenizer, text), seqlen=seqlen, nsamples=nsamples,
-                        sampling=sampling, seed=seed)
+    ids = model_windows(load_config(model_dir), tokenizer_dir or model_dir, text, seqlen=seqlen,
+                        nsamples=nsamples, sampling=sampling, seed=seed)
     _, model = load_model_dir(model_dir, dtype=jnp.float32)
     rotation = None
     if config.hadamard:

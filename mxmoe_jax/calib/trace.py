@@ -168,22 +168,12 @@ def trace_files(model_dir: str | os.PathLike, text: Sequence[str | os.PathLike],
     ``text`` into windows with its tokenizer, and trace it."""
     import jax.numpy as jnp
 
-    from mxmoe_jax.data import (
-        check_seqlen,
-        check_tokenizer,
-        load_tokenizer,
-        token_windows,
-        tokenize_texts,
-    )
+    from mxmoe_jax.data import model_windows
     from mxmoe_jax.models.io import load_config
     from mxmoe_jax.quantize.checkpoint import load_any
 
-    cfg = load_config(model_dir)
-    check_seqlen(cfg, seqlen)
-    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
-    check_tokenizer(tokenizer, cfg, tokenizer_dir or model_dir)
-    ids = token_windows(tokenize_texts(tokenizer, text), seqlen=seqlen, nsamples=nsamples,
-                        sampling=sampling, seed=seed)
+    ids = model_windows(load_config(model_dir), tokenizer_dir or model_dir, text, seqlen=seqlen,
+                        nsamples=nsamples, sampling=sampling, seed=seed)
     cfg, model = load_any(model_dir, dtype=jnp.float32)
     counts, wsums = trace_counts(model, ids, batch_tokens=batch_tokens, progress=progress)
     return build_trace(cfg, counts, wsums, model=str(model_dir), text=[str(t) for t in text],

@@ -101,13 +101,7 @@ def measure_sensitivity(model, windows: np.ndarray, scheme: str = "w2a16_g-1_asy
 
 def main_sensitivity(args) -> int:
     """``mxmoe-jax sensitivity`` (registered by `eval.cli`)."""
-    from mxmoe_jax.data import (
-        check_seqlen,
-        check_tokenizer,
-        load_tokenizer,
-        token_windows,
-        tokenize_texts,
-    )
+    from mxmoe_jax.data import model_windows
     from mxmoe_jax.jsonio import write_json_atomic
     from mxmoe_jax.models.io import load_model_dir
 
@@ -118,11 +112,8 @@ def main_sensitivity(args) -> int:
         if not Path(f).is_file():
             raise FileNotFoundError(f"--text: {f} not found")
     cfg, model = load_model_dir(args.model, dtype=jnp.float32)
-    check_seqlen(cfg, args.seqlen)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    check_tokenizer(tokenizer, cfg, args.tokenizer or args.model)
-    ids = tokenize_texts(tokenizer, args.text)
-    windows = np.asarray(token_windows(ids, seqlen=args.seqlen, nsamples=args.nsamples,
+    windows = np.asarray(model_windows(cfg, args.tokenizer or args.model, args.text,
+                                       seqlen=args.seqlen, nsamples=args.nsamples,
                                        seed=args.seed))
     sens = measure_sensitivity(model, windows, args.scheme, batch=args.batch,
                                layers=args.layers, progress=True)
