@@ -27,6 +27,7 @@ import argparse
 import datetime as _dt
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,14 +64,14 @@ def assignment_of(gs: np.ndarray, mix) -> tuple[int, ...]:
     return tuple(int(a) for a in out)
 
 
-_T0 = __import__("time").perf_counter()
+_T0 = time.perf_counter()
 
 
 def _add(rows, row) -> None:
     """Append a row and print it at once (with seconds since start), so a killed run leaves its
     finished rows in the log."""
     rows.append(row)
-    t = __import__("time").perf_counter() - _T0
+    t = time.perf_counter() - _T0
     print(f"[{t:7.1f}s] {json.dumps(row)}", flush=True)
 
 
@@ -87,16 +88,18 @@ def _timer(interpret: bool, reps: int):
     return lambda fn, *a: round(float(device_time_us(fn, *a, n=reps)), 1)
 
 
-def _kernel_times(interpret: bool, reps: int):
-    """``fn, *args -> {kernel: device us per call}`` (where a mixed call's time goes), or None."""
+def _detail_timer(interpret: bool, reps: int):
+    """``fn, *args -> (device us, {kernel: us per call})`` from ONE trace (where a mixed call's
+    time goes), or ``(None, None)`` in interpret mode."""
     if interpret:
-        return lambda fn, *a: None
+        return lambda fn, *a: (None, None)
     from mxmoe_jax.perf.timing import device_time_us
 
-    def kernels(fn, *args):
-        _, by_name = device_time_us(fn, *args, n=reps, detail=True)
-        return {k: round(float(v), 2) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])}
-    return kernels
+    def timed(fn, *args):
+        total, by_name = device_time_us(fn, *args, n=reps, detail=True)
+        return round(float(total), 1), {k: round(float(v), 2) for k, v in
+                                        sorted(by_name.items(), key=lambda kv: -kv[1])}
+    return timed
 
 
 def stacks_for(w, assignment, schemes):
@@ -124,7 +127,7 @@ def gemm_rows(shape: MoEShapes, tokens: int, *, interpret: bool, reps: int, seed
     from mxmoe_jax import ops
 
     timed = _timer(interpret, reps)
-    kernels = _kernel_times(interpret, reps)
+    timed_detail = _detail_timer(interpret, reps)
     e, d, n = shape.num_experts, shape.hidden, 2 * shape.moe_inter
     gs_np = zipf_group_sizes(tokens, e, shape.top_k, seed=seed)
     gs = jnp.asarray(gs_np)
@@ -154,8 +157,9 @@ def gemm_rows(shape: MoEShapes, tokens: int, *, interpret: bool, reps: int, seed
             check.update(one_vs_ref=_rel(y1, ref), per_vs_ref=_rel(y2, ref))
         ok = bool(all(v < TOL for v in check.values()) and np.isfinite(y1).all())
         for path, fn in (("one_launch", one), ("per_scheme", per)):
-            _add(rows, dict(base, variant=mix_name, path=path, us=timed(fn, x, gs), ok=ok,
-                            **check, kernels=kernels(fn, x, gs)))
+            us, kernels = timed_detail(fn, x, gs)
+            _add(rows, dict(base, variant=mix_name, path=path, us=us, ok=ok, **check,
+                            kernels=kernels))
     return rows
 
 

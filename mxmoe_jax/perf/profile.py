@@ -25,6 +25,7 @@ is used on another device or with other kernels (``--strict``: an error).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import math
@@ -161,8 +162,8 @@ def measure_table(shapes_list: list[MoEShapes], schemes, tokens=DEFAULT_TOKENS, 
         df = tuning.dequant_first(s, m=rows, e=experts)
         if df:
             tile = tuning.choose_tile(W16A16, m=rows, e=experts, n=n, k=k)
-        if gated:
-            tile = tile.__class__(**{**tile.as_dict(), "split_k": 1})
+        if gated:  # as gmm does: SiLU needs the whole K sum
+            tile = dataclasses.replace(tile, split_k=1)
         if not math.isfinite(us) or us <= 0:
             raise RuntimeError(f"profile: {s.name} n={n} k={k} m={m}: timer gave {us}")
         points.append({"scheme": s.name, "tile": tile.as_dict(), "m": m, "n": n, "k": k,
