@@ -180,7 +180,9 @@ def measure_table(shapes_list: list[MoEShapes], schemes, tokens=DEFAULT_TOKENS, 
     return {
         "format": FORMAT,
         "source": "measured",
-        "device": current_device() or f"{jax.devices()[0].platform} (interpret mode)",
+        # an interpret-mode table never carries a GPU's name: it must not pass as that GPU's times
+        "device": (f"{jax.devices()[0].platform} (interpret mode)" if interpret
+                   else current_device()),
         "jax_version": jax.__version__,
         "kernel_version": kernel_version(),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -14,6 +14,7 @@ from mxmoe_jax.perf import profile as P
 from mxmoe_jax.perf.model import PerfModel
 from mxmoe_jax.perf.predict import layer_us, zipf_group_sizes
 from mxmoe_jax.perf.shapes import MoEShapes
+from tests.conftest import ON_GPU
 
 SMALL = MoEShapes(name="small", hidden=128, moe_inter=64, num_experts=4, top_k=2)
 
@@ -54,12 +55,28 @@ def test_measure_table_runs_every_point_and_loads(tmp_path):
     assert pm.share_us("w16a16", 1, 128, 128) == pytest.approx(0.0)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="measures device time: needs an NVIDIA GPU")
+def test_measure_table_on_the_gpu_gives_device_times(tmp_path):
+    tab = P.measure_table([SMALL], ["w16a16", "w4a16_g128_asym"], tokens=(1, 64), reps=3,
+                          progress=False)
+    assert tab["device"] == P.current_device() and "interpret" not in tab["notes"]
+    assert tab["launch_us"] > 0 and len(tab["points"]) == 8
+    assert all(np.isfinite(p["time_us"]) and p["time_us"] > 0 for p in tab["points"])
+    (tmp_path / "perf.json").write_text(json.dumps(tab))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # this device, these kernels: no provenance warning
+        pm = PerfModel.load(tmp_path / "perf.json")
+        pm.check_provenance(device=P.current_device(), kernel_version=P.kernel_version(), strict=True)
+    assert pm.source == "measured"
+
+
 def test_measure_rows_are_capped(monkeypatch):
     monkeypatch.setattr(P, "MAX_ROWS", 8)
     plan, _ = P._plan([SMALL], ["w16a16"], (1, 4))
     assert [(m, e) for *_, m, e in plan[:2]] == [(1, 4), (4, 2)]
 
 
+@pytest.mark.skipif(ON_GPU, reason="on a GPU, profile measures: this checks the refusal elsewhere")
 def test_profile_needs_a_gpu_to_measure(tmp_path, capsys):
     out = tmp_path / "perf.json"
     assert cli(["profile", "--shapes", "qwen1.5-moe", "--out", str(out)]) == 2
