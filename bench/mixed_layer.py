@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import sys
 import time
@@ -140,24 +141,27 @@ def gemm_rows(shape: MoEShapes, tokens: int, *, interpret: bool, reps: int, seed
     uniform = sorted({s for mix in MIXES.values() for s, _ in mix} | {"w16a16"})
     for name in uniform:
         ((wq, _),) = stacks_for(w, (0,) * e, [name])
-        f = jax.jit(lambda v, g, wq=wq: gmm(v, wq, g, interpret=interpret))
-        jax.block_until_ready(f(x, gs))
-        _add(rows, dict(base, variant=name, path="uniform", us=timed(f, x, gs)))
+        f = jax.jit(functools.partial(gmm, interpret=interpret))  # weights as arguments
+        jax.block_until_ready(f(x, wq, gs))
+        _add(rows, dict(base, variant=name, path="uniform", us=timed(f, x, wq, gs)))
     for mix_name, mix in MIXES.items():
         assignment = assignment_of(gs_np, mix)
         parts = stacks_for(w, assignment, [s for s, _ in mix])
-        one = jax.jit(lambda v, g, p=parts, a=assignment: mixed_grouped_matmul(
-            v, [wq for wq, _ in p], g, a, interpret=interpret))
-        per = jax.jit(lambda v, g, p=parts: ops.grouped_matmul_by_scheme(
-            v, p, g, impl=impl, launch="per_scheme"))
-        y1, y2 = np.asarray(one(x, gs), np.float32), np.asarray(per(x, gs), np.float32)
+        stacks = [wq for wq, _ in parts]
+        ids = [ex for _, ex in parts]
+        one = jax.jit(lambda v, ws, g, a=assignment: mixed_grouped_matmul(
+            v, ws, g, a, interpret=interpret))
+        per = jax.jit(lambda v, ws, g, ids=ids: ops.grouped_matmul_by_scheme(
+            v, list(zip(ws, ids, strict=True)), g, impl=impl, launch="per_scheme"))
+        y1 = np.asarray(one(x, stacks, gs), np.float32)
+        y2 = np.asarray(per(x, stacks, gs), np.float32)
         check = dict(one_vs_per=_rel(y1, y2))
         if tokens == min(TOKENS) or interpret:
             ref = np.asarray(ops._by_scheme_reference(x, parts, gs, jnp.float32), np.float32)
             check.update(one_vs_ref=_rel(y1, ref), per_vs_ref=_rel(y2, ref))
         ok = bool(all(v < TOL for v in check.values()) and np.isfinite(y1).all())
         for path, fn in (("one_launch", one), ("per_scheme", per)):
-            us, kernels = timed_detail(fn, x, gs)
+            us, kernels = timed_detail(fn, x, stacks, gs)
             _add(rows, dict(base, variant=mix_name, path=path, us=us, ok=ok, **check,
                             kernels=kernels))
     return rows
@@ -183,7 +187,7 @@ def layer_rows(shape: MoEShapes, tokens: int, *, interpret: bool, reps: int, see
 
     from mxmoe_jax import ops
     from mxmoe_jax.eval.bench_cli import stack_values, uniform_weights
-    from mxmoe_jax.models.moe import ExpertWeights, SchemeGroup, moe_forward, route
+    from mxmoe_jax.models.moe import ExpertWeights, SchemeGroup, jitted_moe_forward, route
     from mxmoe_jax.quant.scheme import QScheme
 
     timed = _timer(interpret, reps)
@@ -192,7 +196,7 @@ def layer_rows(shape: MoEShapes, tokens: int, *, interpret: bool, reps: int, see
                           jnp.float32).astype(jnp.bfloat16)
     vals = stack_values(block.experts.weights())
     # routing of these tokens, for the mixes' hot/cold ranks
-    idx, _ = jax.jit(lambda v: route(block.router_logits(v), cfg))(x)
+    idx, _ = route(block.router_logits(x), cfg)
     gs_np = np.bincount(np.asarray(idx).ravel(), minlength=shape.num_experts)
     variants = {"bf16": None}
     variants |= {s: uniform_weights(vals, QScheme.parse(s)) for s in LAYER_UNIFORM}
@@ -208,15 +212,14 @@ def layer_rows(shape: MoEShapes, tokens: int, *, interpret: bool, reps: int, see
     rows = []
     base = dict(model=shape.name, tokens=tokens, level="layer")
     impl = "interpret" if interpret else "kernel"
+    f, state = jitted_moe_forward(block)  # weights as arguments, not compiled-in constants
     with ops.kernel_mode("reference"):
-        f_xla = jax.jit(lambda v: moe_forward(block, v))
-        ref = np.asarray(f_xla(x), np.float32)
-        _add(rows, dict(base, variant="bf16", path="xla", us=timed(f_xla, x)))
+        ref = np.asarray(f(x, state), np.float32)
+        _add(rows, dict(base, variant="bf16", path="xla", us=timed(f, x, state)))
     for name, routed in variants.items():
         with ops.kernel_mode(impl):
-            f = jax.jit(lambda v, r=routed: moe_forward(block, v, routed=r))
-            y = np.asarray(f(x), np.float32)
-            _add(rows, dict(base, variant=name, path="ours", us=timed(f, x),
+            y = np.asarray(f(x, state, routed), np.float32)
+            _add(rows, dict(base, variant=name, path="ours", us=timed(f, x, state, routed),
                              rel_to_bf16=_rel(y, ref), finite=bool(np.isfinite(y).all())))
     if not interpret:
         us, why = torch_layer_us(shape, tokens, gs_np)

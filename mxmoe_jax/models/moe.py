@@ -604,3 +604,19 @@ def moe_forward(block: MoEBlock, x_td: jax.Array, *, layout: str = "sorted",
         if cap is not None:
             cap["shared_weight"] = sw
     return out
+
+
+def jitted_moe_forward(block: MoEBlock) -> tuple[Callable, nnx.State]:
+    """``(f, state)``: ``f(x, state, routed=None, shared=None)`` is ``moe_forward(block, x, routed=,
+    shared=)`` under ``jit`` with the block's and the replacement weights as ARGUMENTS.
+
+    A function that closes over weights compiles them into the program as constants: a
+    Qwen1.5-MoE layer's experts (~0.7 GB in bf16) made each compile take seconds to tens of seconds
+    and the program as large as the weights. Call ``f`` under the ``ops.kernel_mode`` to time.
+    """
+    graphdef, state = nnx.split(block)
+
+    def f(x, state, routed=None, shared=None):
+        return moe_forward(nnx.merge(graphdef, state), x, routed=routed, shared=shared)
+
+    return jax.jit(f), state
