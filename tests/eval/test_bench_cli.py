@@ -72,6 +72,25 @@ def test_reference_run_writes_rows_for_every_variant(model_dir, tmp_path):
     assert (out / "bench.json").read_bytes() == before
 
 
+def test_reference_run_on_a_qmodel_dir_times_its_packed_weights(model_dir, tmp_path):
+    """A QMODEL_DIR's block (packed weights in its state) runs through the jitted layer with its
+    weights as arguments; its own allocation is the 'model' row."""
+    q = tmp_path / "q"
+    assert cli_main(["quantize", "--model", str(model_dir), "--scheme", "w4a16_g-1_asym",
+                     "--out", str(q)]) == 0
+    out = tmp_path / "b"
+    assert cli_main(["bench", "--model", str(q), "--out", str(out), "--reference",
+                     "--tokens", "8", "--layers", "1", "--schemes", "w4a16_g-1_asym",
+                     "w2a16_g-1_sym"]) == 0
+    rows = {r["variant"]: r for r in json.loads((out / "bench.json").read_text())["rows"]}
+    assert set(rows) == {"model", "bf16", "w4a16_g-1_asym", "w2a16_g-1_sym"}
+    # RTN w4a16 of the model's dequantized values finds the model's own codes: the same output
+    model = rows["model"]["rel_to_bf16"]
+    assert 0 < model < 1e-2
+    assert rows["w4a16_g-1_asym"]["rel_to_bf16"] == pytest.approx(model, rel=1e-6)
+    assert rows["w2a16_g-1_sym"]["rel_to_bf16"] > 10 * model
+
+
 @pytest.mark.parametrize("flag,value,match", [
     ("--layers", ["5"], "not MoE layers"),
     ("--tokens", ["0"], "positive token counts"),
