@@ -1,5 +1,8 @@
 """Dynamic symmetric activation quantization kernel (per token, or per token and 128-wide K-group).
 
+``quantize_activations_multi`` quantizes one ``x`` into several formats of one group layout (a
+mixed layer's int8 and int4 segments) in one launch that reads ``x`` once.
+
 The same function, bit for bit, as ``mxmoe_jax.quant.act.quantize_activations`` (its docstring is
 the spec): per row or K-group ``amax = max|x|``, ``(scale, inv) = (RN(amax / Q), RN(Q / amax))``
 from ``act.scale_and_inverse`` (the reference's own code: int32 long division, exact on every
@@ -49,11 +52,13 @@ def _mul_round(x, inv, *, rnd: bool, interpret: bool):
 def _act_quant_kernel(
     # inputs
     x_ref,
-    # outputs
-    q_ref, s_ref,
-    *, k: int, m: int, bm: int, width: int, qmax: float, fp8: bool, interpret: bool,
+    # outputs: (codes, scale) per format
+    *out_refs,
+    k: int, m: int, bm: int, width: int, formats: tuple[tuple[float, bool], ...],
+    interpret: bool,
 ):
-    """One ``[bm, width]`` block: the whole row (per token) or one K-group, loaded once."""
+    """One ``[bm, width]`` block (the whole row per token, or one K-group), loaded once and
+    quantized into every format ``(qmax, fp8)`` of ``formats`` (their group layout is one)."""
     i, g = pl.program_id(0), pl.program_id(1)
     r0 = i * bm
     c0 = g * width
@@ -62,15 +67,18 @@ def _act_quant_kernel(
     mask = rows_ok[:, None] & (ks < k)[None, :]
     xb = plgpu.load(x_ref.at[pl.ds(r0, bm), pl.ds(c0, width)], mask=mask, other=0.0)
     xb = xb.astype(jnp.float32)
-    scale, inv = scale_and_inverse(jnp.max(jnp.abs(xb), axis=1), qmax)
-    plgpu.store(s_ref.at[pl.ds(r0, bm), g], scale, mask=rows_ok)
-    y = _mul_round(xb, jnp.broadcast_to(inv[:, None], xb.shape), rnd=not fp8,
-                   interpret=interpret)
-    if fp8:
-        q = jnp.clip(y, -FP8_MAX, FP8_MAX).astype(q_ref.dtype)
-    else:
-        q = jnp.clip(y, -qmax, qmax).astype(q_ref.dtype)
-    plgpu.store(q_ref.at[pl.ds(r0, bm), pl.ds(c0, width)], q, mask=mask)
+    amax = jnp.max(jnp.abs(xb), axis=1)
+    for f, (qmax, fp8) in enumerate(formats):
+        q_ref, s_ref = out_refs[2 * f], out_refs[2 * f + 1]
+        scale, inv = scale_and_inverse(amax, qmax)
+        plgpu.store(s_ref.at[pl.ds(r0, bm), g], scale, mask=rows_ok)
+        y = _mul_round(xb, jnp.broadcast_to(inv[:, None], xb.shape), rnd=not fp8,
+                       interpret=interpret)
+        if fp8:
+            q = jnp.clip(y, -FP8_MAX, FP8_MAX).astype(q_ref.dtype)
+        else:
+            q = jnp.clip(y, -qmax, qmax).astype(q_ref.dtype)
+        plgpu.store(q_ref.at[pl.ds(r0, bm), pl.ds(c0, width)], q, mask=mask)
 
 
 def _block_rows(width: int) -> int:
@@ -78,46 +86,64 @@ def _block_rows(width: int) -> int:
     return max(1, min(16, 8192 // width))
 
 
-@functools.partial(jax.jit, static_argnames=("scheme", "interpret"))
-def _quantize(x, *, scheme: QScheme, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("schemes", "interpret"))
+def _quantize(x, *, schemes: tuple[QScheme, ...], interpret: bool):
     m, k = x.shape
-    if scheme.group_size == -1:
+    group_size = schemes[0].group_size
+    if group_size == -1:
         width, groups = pl.next_power_of_2(k), 1
     else:
-        width, groups = scheme.group_size, k // scheme.group_size
+        width, groups = group_size, k // group_size
     bm = _block_rows(width)
-    qdtype = jnp.float8_e4m3fn if scheme.fp8 else jnp.int8
-    qmax = FP8_MAX if scheme.fp8 else float(scheme.a_qmax)
-    kernel = functools.partial(_act_quant_kernel, k=k, m=m, bm=bm, width=width, qmax=qmax,
-                               fp8=scheme.fp8, interpret=interpret)
-    return pl.pallas_call(
+    formats = tuple((FP8_MAX if s.fp8 else float(s.a_qmax), s.fp8) for s in schemes)
+    kernel = functools.partial(_act_quant_kernel, k=k, m=m, bm=bm, width=width, formats=formats,
+                               interpret=interpret)
+    out_shape = []
+    for s in schemes:
+        out_shape += [jax.ShapeDtypeStruct((m, k), jnp.float8_e4m3fn if s.fp8 else jnp.int8),
+                      jax.ShapeDtypeStruct((m, groups), jnp.float32)]
+    outs = pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct((m, k), qdtype),
-                   jax.ShapeDtypeStruct((m, groups), jnp.float32)),
+        out_shape=tuple(out_shape),
         grid=(-(-m // bm), groups),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
-        name=f"act_quant_{scheme.name}",
+        name="act_quant_" + "+".join(s.name for s in schemes),
     )(x)
+    return [(outs[2 * f], outs[2 * f + 1]) for f in range(len(schemes))]
+
+
+def quantize_activations_multi(x: jax.Array, schemes, *,
+                               interpret: bool = False) -> list[tuple[jax.Array, jax.Array]]:
+    """``x`` [M, K] quantized into several activation formats of ONE group layout (per token,
+    or one K-group size) by one launch that reads ``x`` once: ``[(codes, scale)]`` per scheme,
+    each bit for bit ``quantize_activations(x, scheme)``."""
+    schemes = tuple(QScheme.parse(s) for s in schemes)
+    if not schemes:
+        raise ValueError("schemes: nothing to quantize")
+    for scheme in schemes:
+        if scheme.weight_only:
+            raise ValueError(f"scheme: {scheme.name} does not quantize activations (a_bits=16)")
+    if len({s.group_size for s in schemes}) != 1:
+        raise ValueError("schemes: one launch quantizes one group layout, got group sizes "
+                         f"{sorted({s.group_size for s in schemes})}")
+    if x.ndim != 2:
+        raise ValueError(f"x: expected [M, K], got shape {x.shape}")
+    k = x.shape[1]
+    g = schemes[0].group_size
+    if g != -1 and (g & (g - 1) or k % g):
+        raise ValueError(f"group_size: kernel needs a power of two dividing K={k}, got {g}")
+    if x.shape[0] == 0:
+        groups = 1 if g == -1 else k // g
+        return [(jnp.zeros((0, k), jnp.float8_e4m3fn if s.fp8 else jnp.int8),
+                 jnp.zeros((0, groups), jnp.float32)) for s in schemes]
+    return _quantize(x, schemes=schemes, interpret=interpret)
 
 
 def quantize_activations(x: jax.Array, scheme: QScheme | str, *,
                          interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """``x`` [M, K] -> (codes [M, K] int8 or float8_e4m3fn, scale [M, G] f32), in Pallas."""
-    scheme = QScheme.parse(scheme)
-    if scheme.weight_only:
-        raise ValueError(f"scheme: {scheme.name} does not quantize activations (a_bits=16)")
-    if x.ndim != 2:
-        raise ValueError(f"x: expected [M, K], got shape {x.shape}")
-    k = x.shape[1]
-    g = scheme.group_size
-    if g != -1 and (g & (g - 1) or k % g):
-        raise ValueError(f"group_size: kernel needs a power of two dividing K={k}, got {g}")
-    if x.shape[0] == 0:
-        groups = 1 if g == -1 else k // g
-        return (jnp.zeros((0, k), jnp.float8_e4m3fn if scheme.fp8 else jnp.int8),
-                jnp.zeros((0, groups), jnp.float32))
-    return _quantize(x, scheme=scheme, interpret=interpret)
+    return quantize_activations_multi(x, [scheme], interpret=interpret)[0]
 
 
 def quantize_activations_reference(x: jax.Array, scheme: QScheme | str):

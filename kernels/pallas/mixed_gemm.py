@@ -9,7 +9,8 @@ that scheme's branch (``grouped_gemm.run_tile``) with the segment's own static t
 are one per launch (Triton compiles one kernel), taken from the heaviest segment.
 
 Program table. Each segment's tile table (``make_tiles`` over its experts' rows of the sorted
-``[M]``, valid tiles first) is built under ``jit`` from ``group_sizes``. Segments are ordered by
+``[M]``, valid tiles first) and the starts table below are built under ``jit`` from
+``group_sizes`` by ONE small launch (``mixed_table.mixed_tables``). Segments are ordered by
 their static cost per program, heaviest first, and a table of ``S + 1`` program starts (a cumulative
 sum of valid tiles x column blocks x splits) maps program ``p`` to its segment by ``S`` scalar
 compares: the programs in flight at the start are the heaviest tiles of the heaviest scheme (the
@@ -22,7 +23,8 @@ weights, groups and output, e.g. the routed experts and a shared expert) as the 
 launch; ``mixed_grouped_matmul`` is the one-job case.
 
 Activations. Weight-activation segments read activation codes quantized by ``act_quant`` before
-the launch, once per activation format (w8a8 and w4a8 share their per-token int8 codes); weight-only
+the launch, once per activation format (w8a8 and w4a8 share their per-token int8 codes), every
+format of one group layout in one launch (``quantize_activations_multi``); weight-only
 segments read ``x`` as it is. Weight-only segments with many rows per expert
 (``tuning.dequant_first``) dequantize their codes first and run as bf16 segments.
 
@@ -42,6 +44,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -49,7 +52,7 @@ from mxmoe_jax.quant import packing
 from mxmoe_jax.quant.packing import PackedWeight
 from mxmoe_jax.quant.scheme import W16A16, QScheme
 
-from . import act_quant, tuning
+from . import act_quant, mixed_table, tuning
 from .grouped_gemm import (
     EPILOGUES,
     Segment,
@@ -57,8 +60,6 @@ from .grouped_gemm import (
     _step_k,
     dequantize_weights,
     make_segment,
-    make_tiles,
-    num_tiles_bound,
     plgpu,
     run_tile,
     supports,
@@ -140,12 +141,18 @@ def validate(job: Job, epilogue: str) -> tuple[int, int]:
     return k, n
 
 
-def _experts_of(assignment, si: int, count: int):
-    """The experts of stack ``si`` in ascending order: a static tuple for a static assignment,
-    an int32 array of the static length ``count`` (the stack's size) for a runtime one."""
-    if isinstance(assignment, jax.Array):
-        return jnp.nonzero(assignment == si, size=count, fill_value=0)[0].astype(jnp.int32)
-    return tuple(ex for ex in range(len(assignment)) if assignment[ex] == si)
+def _members(jobs, segments, ep: int) -> jax.Array:
+    """``members [S, EP]`` of ``mixed_table`` for segments ``(job, stack)``: a constant for
+    static assignments, rows computed under jit for runtime ones."""
+    if not any(isinstance(jobs[ji].assignment, jax.Array) for ji, _ in segments):
+        return jnp.asarray(mixed_table.static_members(
+            [jobs[ji].assignment for ji, _ in segments], [si for _, si in segments], ep))
+    rows = []
+    for ji, si in segments:
+        a = jobs[ji].assignment
+        rows.append(mixed_table.runtime_members(a, si, ep) if isinstance(a, jax.Array) else
+                    jnp.asarray(mixed_table.static_members([a], [si], ep)[0]))
+    return jnp.stack(rows)
 
 
 def program_cost(seg: Segment) -> float:
@@ -158,22 +165,24 @@ def program_cost(seg: Segment) -> float:
     return k * (seg.cfg.bn * w_bytes + seg.cfg.bm * a_bytes)
 
 
-def _mixed_kernel(*refs, segs: tuple[Segment, ...], splits: int, interpret: bool):
-    """Program -> segment (by the starts table, ref 0) -> (tile, column block, split) -> tile."""
+def _mixed_kernel(*refs, segs: tuple[Segment, ...], offsets: tuple[int, ...], splits: int,
+                  interpret: bool):
+    """Program -> segment (by the starts table, ref 0) -> (tile, column block, split) -> tile.
+    Every segment's tile table lies in refs 1-3 from its ``offsets`` entry on."""
     starts = refs[0]
     pid = pl.program_id(0)
     sid = sum((pid >= starts[i + 1]).astype(jnp.int32) for i in range(len(segs)))
-    for i, seg in enumerate(segs):
+    for i, (seg, off) in enumerate(zip(segs, offsets, strict=True)):
         @pl.when(sid == i)
-        def _(i=i, seg=seg):
+        def _(i=i, seg=seg, off=off):
             first = starts[i]
             per_tile = seg.n_blocks * splits
             n_valid = (starts[i + 1] - first) // per_tile
             t, j, s = _decode_pid(pid - first, seg.n_blocks, splits, n_valid, seg.cfg.group_m)
             tables = (seg.ref(refs, name) for name in ("ex", "r0", "r1"))
             ex_ref, r0_ref, r1_ref = tables
-            run_tile(seg, refs, ex=ex_ref[t], r0=r0_ref[t], r1=r1_ref[t], j=j, s=s,
-                     splits=splits, interpret=interpret)
+            run_tile(seg, refs, ex=ex_ref[off + t], r0=r0_ref[off + t], r1=r1_ref[off + t],
+                     j=j, s=s, splits=splits, interpret=interpret)
 
 
 @dataclass(frozen=True)
@@ -187,6 +196,25 @@ class LaunchConfig:
 
 def _act_key(s: QScheme):
     return (s.a_bits, s.group_size, s.fp8)
+
+
+def _activation_codes(job: Job, *, interpret: bool) -> dict:
+    """``{act key: (codes, scales)}`` of every activation format the job's weight-activation
+    stacks read: one launch per group layout (w8a8 and w4a4 per token: one read of ``x``)."""
+    formats: dict = {}
+    for w in job.weights_by_scheme:
+        s = _scheme(w)
+        if isinstance(w, PackedWeight) and not s.weight_only:
+            formats.setdefault(_act_key(s), s)
+    by_layout: dict = {}
+    for key, s in formats.items():
+        by_layout.setdefault(s.group_size, []).append((key, s))
+    out = {}
+    for group in by_layout.values():
+        codes = act_quant.quantize_activations_multi(job.x, [s for _, s in group],
+                                                     interpret=interpret)
+        out.update({key: c for (key, _), c in zip(group, codes, strict=True)})
+    return out
 
 
 def mixed_launch(jobs: list[Job], *, tiles: dict | None = None, launch: LaunchConfig | None = None,
@@ -228,15 +256,15 @@ def mixed_launch(jobs: list[Job], *, tiles: dict | None = None, launch: LaunchCo
             arrays.append(a)
         return slots[id(a)]
 
-    arrays.append(None)  # ref 0: the program starts, filled below
-    plans = []  # (segment without refs, named arrays, bound tiles, job index)
+    arrays += [None] * 4  # refs 0-3: the program starts and every segment's tile table
+    plans = []  # (job, stack, scheme, tile, experts in the stack, named arrays, K, N, M)
     for ji, (job, (k, n)) in enumerate(zip(jobs, shapes, strict=True)):
         m = job.x.shape[0]
         e = job.group_sizes.shape[0]
-        acts: dict = {}
+        acts = _activation_codes(job, interpret=interpret)
         for si, w in enumerate(job.weights_by_scheme):
             scheme = _scheme(w)
-            experts = _experts_of(job.assignment, si, _lead(w))
+            experts = _lead(w)
             cfg = (tiles or {}).get((ji, si)) or tuning.choose_tile(scheme, m=m, e=e, n=n, k=k)
             named = {"x": job.x, "xs": None, "w": w, "scale": None, "offset": None}
             if isinstance(w, PackedWeight):
@@ -252,9 +280,6 @@ def mixed_launch(jobs: list[Job], *, tiles: dict | None = None, launch: LaunchCo
                     cfg = (tiles or {}).get((ji, si)) or tuning.choose_tile(W16A16, m=m, e=e, n=n,
                                                                            k=k)
                 if not scheme.weight_only:
-                    if _act_key(scheme) not in acts:
-                        acts[_act_key(scheme)] = act_quant.quantize_activations(
-                            job.x, scheme, interpret=interpret)
                     xq, xs = acts[_act_key(scheme)]
                     wq = w.qweight
                     if scheme.fp8 and k % _step_k(scheme, cfg):
@@ -269,8 +294,8 @@ def mixed_launch(jobs: list[Job], *, tiles: dict | None = None, launch: LaunchCo
         # the heaviest segment's launch parameters: most programs x bytes per program
         def weight(p):
             ji, si, scheme, cfg, experts, named, k, n, m = p
-            seg = make_segment(scheme, cfg, k=k, n=n, e=len(experts), gated=gated)
-            return program_cost(seg) * len(experts) * seg.n_blocks
+            seg = make_segment(scheme, cfg, k=k, n=n, e=experts, gated=gated)
+            return program_cost(seg) * experts * seg.n_blocks
 
         heavy = max(plans, key=weight)[3]
         launch = LaunchConfig(num_warps=heavy.num_warps, num_stages=heavy.num_stages,
@@ -282,23 +307,31 @@ def mixed_launch(jobs: list[Job], *, tiles: dict | None = None, launch: LaunchCo
         m = job.x.shape[0]
         outs.append(jax.ShapeDtypeStruct((splits, m, n_out) if splits > 1 else (m, n_out),
                                          jnp.float32 if splits > 1 else out_dtype))
-    segs, counts, grid = [], [], 0
+    g0 = np.cumsum([0] + [job.group_sizes.shape[0] for job in jobs])
+    segs, specs, grid = [], [], 0
     first_of_job: set[int] = set()
     for ji, _, scheme, cfg, experts, named, k, n, m in plans:
         cfg = dataclasses.replace(cfg, split_k=splits, num_warps=launch.num_warps,
                                   num_stages=launch.num_stages)
         rest = ji not in first_of_job  # the job's first segment stores the rows past the sum
         first_of_job.add(ji)
-        ex, r0, r1, n_valid = make_tiles(jobs[ji].group_sizes, m, cfg.bm, experts=experts,
-                                         rest=rest, with_count=True)
-        refs = [("ex", slot(ex)), ("r0", slot(r0)), ("r1", slot(r1))]
+        refs = [("ex", 1), ("r0", 2), ("r1", 3)]
         refs += [(name, slot(a)) for name, a in named.items()]
         refs.append(("o", -1 - ji))  # outputs follow the inputs; resolved below
-        seg = make_segment(scheme, cfg, k=k, n=n, e=len(experts), gated=gated, refs=refs)
+        seg = make_segment(scheme, cfg, k=k, n=n, e=experts, gated=gated, refs=refs)
         segs.append(seg)
-        counts.append(n_valid * seg.n_blocks * splits)
-        grid += num_tiles_bound(m, len(experts), cfg.bm) * seg.n_blocks * splits
+        specs.append(mixed_table.TableSpec(
+            g0=int(g0[ji]), e=jobs[ji].group_sizes.shape[0], m=m, bm=cfg.bm, rest=rest,
+            n_experts=experts, per_tile=seg.n_blocks * splits))
+        grid += specs[-1].n_tiles * seg.n_blocks * splits
     order = sorted(range(len(segs)), key=lambda i: -program_cost(segs[i]))
+    ep = mixed_table.lanes_for(specs)
+    starts, ex, r0, r1, specs = mixed_table.mixed_tables(
+        jobs[0].group_sizes if len(jobs) == 1 else
+        jnp.concatenate([job.group_sizes.astype(jnp.int32) for job in jobs]),
+        _members(jobs, [(ji, si) for ji, si, *_ in plans], ep), specs, order,
+        interpret=interpret)
+    arrays[:4] = [starts, ex, r0, r1]
     aliases = {}
     if poison:
         for ji, o in enumerate(outs):
@@ -308,9 +341,8 @@ def mixed_launch(jobs: list[Job], *, tiles: dict | None = None, launch: LaunchCo
     segs = [dataclasses.replace(segs[i], refs=tuple(
         (name, n_in + (-1 - r) if name == "o" else r) for name, r in segs[i].refs))
         for i in order]
-    counts = jnp.stack([counts[i] for i in order]).astype(jnp.int32)
-    arrays[0] = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts)])
-    kernel = functools.partial(_mixed_kernel, segs=tuple(segs), splits=splits,
+    kernel = functools.partial(_mixed_kernel, segs=tuple(segs),
+                               offsets=tuple(specs[i].offset for i in order), splits=splits,
                                interpret=interpret)
     names = "+".join(sorted({s.scheme.name for s in segs}))
     res = pl.pallas_call(

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from mxmoe_jax.kernels.pallas.act_quant import quantize_activations
+from mxmoe_jax.kernels.pallas.act_quant import quantize_activations, quantize_activations_multi
 
 from mxmoe_jax.quant.act import quantize_activations as reference
 from mxmoe_jax.quant.scheme import QScheme
@@ -83,3 +83,26 @@ def test_rejects_bad_group_and_weight_only():
         quantize_activations(x, "w4a4_g48_sym")
     with pytest.raises(ValueError, match="a_bits"):
         quantize_activations(x, "w4a16_g128_asym")
+
+
+@pytest.mark.parametrize("names,shape", [
+    (("w8a8_g-1_sym", "w4a4_g-1_sym", "w8a8_g-1_fp8"), (19, 200)),
+    (("w4a4_g128_sym", "w8a8_g128_sym"), (19, 384)),
+])
+def test_several_formats_in_one_launch_match_the_reference(names, shape, interpret):
+    """One launch, one read of ``x``: every format's codes and scales bit for bit the
+    reference's, near-tie inputs included (built for the first format)."""
+    for x in (jax.random.normal(jax.random.key(1), shape, jnp.float32).astype(jnp.bfloat16),
+              _near_ties(2, shape, QScheme.parse(names[0]))):
+        got = quantize_activations_multi(x, names, interpret=interpret)
+        assert len(got) == len(names)
+        for name, codes in zip(names, got, strict=True):
+            _assert_same_bits(codes, reference(x, name))
+
+
+def test_one_launch_quantizes_one_group_layout():
+    x = jnp.ones((4, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="one group layout"):
+        quantize_activations_multi(x, ["w8a8_g-1_sym", "w4a4_g128_sym"])
+    with pytest.raises(ValueError, match="nothing to quantize"):
+        quantize_activations_multi(x, [])

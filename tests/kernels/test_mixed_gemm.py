@@ -156,6 +156,58 @@ def test_bad_input_says_what_to_fix(bad, match):
                              epilogue=kw["epilogue"])
 
 
+@pytest.mark.parametrize("case", ["mixed", "empty_experts", "one_expert", "rows_past_sum",
+                                  "runtime"])
+def test_one_launch_tables_equal_make_tiles(case, interpret):
+    """``mixed_table.mixed_tables`` (one launch) gives each segment the ``make_tiles`` table of its
+    experts and the starts table of the launch order, for two jobs of different E and bm."""
+    from mxmoe_jax.kernels.pallas import make_tiles
+    from mxmoe_jax.kernels.pallas import mixed_table as mt
+
+    rng = np.random.default_rng(3)
+    gs_a = rng.integers(0, 40, 7)
+    if case == "empty_experts":
+        gs_a[[0, 3, 4]] = 0
+    if case == "one_expert":
+        gs_a[:] = 0
+        gs_a[5] = 90
+    m_a = int(gs_a.sum()) + (37 if case == "rows_past_sum" else 0)
+    gs_b = np.asarray([m_a], np.int64)  # a shared expert: every row
+    assign_a = (0, 1, 1, 0, 2, 1, 0)
+    jobs = [(gs_a, m_a, assign_a), (gs_b, m_a, (0,))]
+    segments = [(0, 0, 16), (0, 1, 32), (0, 2, 64), (1, 0, 16)]  # (job, stack, bm)
+    specs, assigns = [], []
+    for ji, si, bm in segments:
+        gs, m, a = jobs[ji]
+        specs.append(mt.TableSpec(g0=0 if ji == 0 else 7, e=len(gs), m=m, bm=bm,
+                                  rest=si == 0, n_experts=sum(1 for x in a if x == si),
+                                  per_tile=3 if ji == 0 else 2))
+        assigns.append(a)
+    order = (2, 0, 3, 1)
+    ep = mt.lanes_for(specs)
+    if case == "runtime":
+        members = jnp.stack([mt.runtime_members(jnp.asarray(a, jnp.int32), si, ep)
+                             for a, (_, si, _) in zip(assigns, segments, strict=True)])
+    else:
+        members = jnp.asarray(mt.static_members(assigns, [si for _, si, _ in segments], ep))
+    gs_all = jnp.asarray(np.concatenate([gs_a, gs_b]), jnp.int32)
+    starts, ex, r0, r1, specs = mt.mixed_tables(gs_all, members, specs, order,
+                                                interpret=interpret)
+    want_counts = []
+    for (ji, si, bm), sp in zip(segments, specs, strict=True):
+        gs, m, a = jobs[ji]
+        experts = tuple(e for e, x in enumerate(a) if x == si)
+        w_ex, w_r0, w_r1, n_valid = make_tiles(jnp.asarray(gs, jnp.int32), m, bm,
+                                               experts=experts, rest=sp.rest, with_count=True)
+        at = slice(sp.offset, sp.offset + sp.n_tiles)
+        np.testing.assert_array_equal(np.asarray(ex[at]), np.asarray(w_ex), err_msg=f"{ji, si}")
+        np.testing.assert_array_equal(np.asarray(r0[at]), np.asarray(w_r0), err_msg=f"{ji, si}")
+        np.testing.assert_array_equal(np.asarray(r1[at]), np.asarray(w_r1), err_msg=f"{ji, si}")
+        want_counts.append(int(n_valid) * sp.per_tile)
+    want_starts = np.concatenate([[0], np.cumsum([want_counts[i] for i in order])])
+    np.testing.assert_array_equal(np.asarray(starts[:len(order) + 1]), want_starts)
+
+
 @pytest.mark.parametrize("epilogue", ["none", "swiglu"])
 def test_lowers_for_cuda_as_one_kernel(triton_ir, epilogue):
     """The whole mix (bf16, weight-only, int8, int4 and fp8 segments) lowers to ONE Triton
@@ -167,8 +219,9 @@ def test_lowers_for_cuda_as_one_kernel(triton_ir, epilogue):
     irs = triton_ir(lambda v, g: mixed_grouped_matmul(v, stacks, g, assignment, epilogue=epilogue,
                                                       tiles={i: SMALL for i in range(5)},
                                                       launch=launch), x, gs)
-    mixed = [ir for ir in irs if "mixed_gmm" in ir]
+    mixed = [ir for ir in irs if "mixed_gmm" in ir and "mixed_gmm_tables" not in ir]
     assert len(mixed) == 1, [ir[:80] for ir in irs]
+    assert sum("mixed_gmm_tables" in ir for ir in irs) == 1  # every segment's table: one launch
     assert mixed[0].count("tt.dot") >= 5  # a dot per scheme branch (two per branch for swiglu)
 
 
