@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from mxmoe_jax.jsonio import MODEL_FORMAT as FORMAT
+from mxmoe_jax.jsonio import check_writable
 
 MANIFEST = "model.json"
 HF_CONFIG = "config.json"
@@ -102,8 +103,10 @@ def _checkpointer():
 
 
 def check_out_dir(out: str | os.PathLike, force: bool) -> Path:
-    """Refuse to replace an existing non-empty folder (or a file) unless ``force``."""
+    """Refuse to replace an existing non-empty folder (or a file) unless ``force``, and an
+    ``out`` that cannot be created (under a file, in a folder that is not writable)."""
     out = Path(out)
+    check_writable(out)
     if out.exists() and not force:
         if not out.is_dir():
             raise FileExistsError(f"{out} exists and is not a folder; pass --force to replace it")
@@ -135,11 +138,15 @@ class AtomicDir:
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
 
     def __enter__(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._remove_stale()
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir()
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self._remove_stale()
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir()
+        except OSError as err:
+            raise ValueError(f"{self.out}: cannot be written ({err.strerror or err}); choose "
+                             "another --out") from None
         return self.tmp
 
     def _remove_stale(self) -> None:
