@@ -151,11 +151,16 @@ class AtomicDir:
 
     def _remove_stale(self) -> None:
         """Remove temporary folders of ``out`` left by processes that no longer run (a
-        ``kill -9`` mid-write); those of live processes (another writer) are left alone."""
-        for stale in self.out.parent.glob(f".{glob.escape(self.out.name)}.tmp-*"):
-            pid = stale.name.rsplit("-", 1)[1]
-            if pid.isdigit() and not _alive(int(pid)) and stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
+        ``kill -9`` mid-write), and their ``.old-`` copies once ``out`` exists (killed while
+        deleting the replaced folder); those of live processes (another writer) are left alone.
+        An ``.old-`` folder without ``out`` (killed between the two renames) is kept: it may be
+        the one complete copy."""
+        kinds = ("tmp", "old") if self.out.exists() else ("tmp",)
+        for kind in kinds:
+            for stale in self.out.parent.glob(f".{glob.escape(self.out.name)}.{kind}-*"):
+                pid = stale.name.rsplit("-", 1)[1]
+                if pid.isdigit() and not _alive(int(pid)) and stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
