@@ -441,25 +441,38 @@ def _expert(q, layer="1", expert="0"):  # layer 1 is the fixture's one MoE layer
     (lambda q: q.pop("layers"), "'layers' must be a non-empty object"),
 ], ids=["unknown-scheme", "bad-group-size", "expert-count", "layer-count", "missing-block",
         "wrong-type", "missing-key"])
-def test_quantize_names_the_file_and_field_of_a_bad_qconfig(tmp_path, capsys, edit, needle):
+@pytest.mark.parametrize("command", ["quantize", "eval"])
+def test_quantize_and_eval_name_the_file_and_field_of_a_bad_qconfig(tmp_path, capsys, edit,
+                                                                    needle, command):
     q = _fixture_qconfig()
     edit(q)
     path = tmp_path / "qconfig.json"
     path.write_text(json.dumps(q))
-    out = tmp_path / "qmodel"
-    rc = cli(["quantize", "--model", str(_tiny_model()), "--qconfig", str(path), "--out",
-              str(out)])
-    line = _only_error_line(capsys.readouterr().err, "quantize")
+    argv = {"quantize": ["--out", str(tmp_path / "qmodel")],
+            "eval": _fixture_eval_args(tmp_path)}[command]
+    rc = cli([command, "--model", str(_tiny_model()), "--qconfig", str(path), *argv])
+    line = _only_error_line(capsys.readouterr().err, command)
     assert rc == 2 and f"{path}: " in line and needle in line, line
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["qconfig.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) in (["qconfig.json"],
+                                                          ["qconfig.json", "t.txt", "tok"])
 
 
-def test_quantize_with_the_unedited_qconfig_works(tmp_path):
+def _fixture_eval_args(tmp_path) -> list[str]:
+    """eval's --tokenizer and --text for the fixture model (vocabulary 128, no tokenizer)."""
+    tok = _word_tokenizer(tmp_path / "tok", 128)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i % 127 + 1}" for i in range(200)))
+    return ["--tokenizer", str(tok), "--text", str(text), "--seqlen", "16", "--max-windows", "1"]
+
+
+@pytest.mark.parametrize("command", ["quantize", "eval"])
+def test_quantize_and_eval_with_the_unedited_qconfig_work(tmp_path, command):
     """The control of the test above."""
     path = tmp_path / "qconfig.json"
     path.write_text(json.dumps(_fixture_qconfig()))
-    assert cli(["quantize", "--model", str(_tiny_model()), "--qconfig", str(path), "--out",
-                str(tmp_path / "qmodel")]) == 0
+    argv = {"quantize": ["--out", str(tmp_path / "qmodel")],
+            "eval": _fixture_eval_args(tmp_path)}[command]
+    assert cli([command, "--model", str(_tiny_model()), "--qconfig", str(path), *argv]) == 0
 
 
 def test_debug_shows_the_traceback(tmp_path):
