@@ -1,6 +1,7 @@
-"""``kill -9`` at random points of ``mxmoe-jax quantize`` (a subprocess, fixed seed): at every
-point ``--out`` is absent or complete, and the next run finishes with the same result as an
-uninterrupted one and leaves no temporary or old folder behind.
+"""``kill -9`` (and one Ctrl-C) at random points of ``mxmoe-jax quantize`` (a subprocess, fixed
+seed): at every point ``--out`` is absent or complete, and the next run finishes with the same
+result as an uninterrupted one and leaves no temporary or old folder behind. The Ctrl-C exits 130
+with one line, no traceback, and its temporary folder already removed.
 
 The kills land while the process writes (from the moment its ``.<out>.tmp-<pid>`` folder appears
 to a random delay within the reference run's write time), where a half-written folder could be
@@ -13,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -22,7 +24,7 @@ import pytest
 from tests.conftest import REPO
 from tests.test_determinism import VOLATILE, _drop, _stored
 
-KILLS = 3
+SIGNALS = (signal.SIGKILL, signal.SIGINT, signal.SIGKILL)  # one run each, in this order
 
 
 def _result(folder):
@@ -31,9 +33,11 @@ def _result(folder):
     return _drop(json.loads(files.pop("qmodel.json")), VOLATILE["qmodel"]), files, arrays
 
 
-def _start(argv, env):
-    return subprocess.Popen([sys.executable, "-m", "mxmoe_jax", *argv], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def _start(argv, env, log):
+    """The CLI in a subprocess; stderr to ``log`` (a pipe nobody reads could fill and block)."""
+    with open(log, "w") as err:
+        return subprocess.Popen([sys.executable, "-m", "mxmoe_jax", *argv], env=env,
+                                stdout=subprocess.DEVNULL, stderr=err)
 
 
 def _wait_for(pred, proc, timeout: float = 120.0) -> float:
@@ -49,7 +53,7 @@ def _wait_for(pred, proc, timeout: float = 120.0) -> float:
     pytest.fail("the subprocess neither wrote nor exited in time")
 
 
-def test_kill_9_while_quantize_writes_then_rerun(tmp_path):
+def test_kill_9_and_ctrl_c_while_quantize_writes_then_rerun(tmp_path):
     from mxmoe_jax.alloc.qconfig import Allocation, make_qconfig
     from mxmoe_jax.models.io import load_config
     from tests.convert.convert_helpers import converted
@@ -73,30 +77,40 @@ def test_kill_9_while_quantize_writes_then_rerun(tmp_path):
 
     # the uninterrupted reference, and how long it writes
     ref_out = tmp_path / "ref"
-    proc = _start(argv(ref_out), env)
+    log = tmp_path / "stderr.txt"
+    proc = _start(argv(ref_out), env, log)
     began = _wait_for((tmp_path / f".ref.tmp-{proc.pid}").exists, proc)
     ended = _wait_for(ref_out.exists, proc)
-    assert proc.wait(timeout=120) == 0, proc.stderr.read()[-2000:]
+    assert proc.wait(timeout=120) == 0, log.read_text()[-2000:]
     assert began is not None and ended is not None
     reference = _result(ref_out)
 
     out = runs / "q"
     rnd = random.Random(16)
-    killed = 0
-    for _ in range(KILLS):
-        proc = _start(argv(out), env)
-        if _wait_for((runs / f".q.tmp-{proc.pid}").exists, proc) is not None:
+    stopped = {signal.SIGKILL: 0, signal.SIGINT: 0}
+    for sig in SIGNALS:
+        proc = _start(argv(out), env, log)
+        tmp = runs / f".q.tmp-{proc.pid}"
+        if _wait_for(tmp.exists, proc) is not None:
             time.sleep(rnd.uniform(0, ended - began))
-            proc.kill()
-            killed += proc.wait(timeout=60) == -9
+            proc.send_signal(sig)
+        rc = proc.wait(timeout=120)
+        if rc == 0:  # it finished before the signal
+            assert _result(out) == reference
+        elif sig == signal.SIGKILL:
+            assert rc == -signal.SIGKILL
+            stopped[sig] += 1
         else:
-            assert proc.wait() == 0
+            err = log.read_text()
+            assert rc == 130 and "mxmoe-jax quantize: interrupted" in err, err[-2000:]
+            assert "Traceback" not in err and not tmp.exists()
+            stopped[sig] += 1
         assert not out.exists() or _result(out) == reference  # never half-written
         if out.exists():
             shutil.rmtree(out)  # the next run writes it again, over the dead run's leftovers
-    assert killed >= 1, "every run finished before its kill"
-    proc = _start(argv(out), env)
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
+    assert all(stopped.values()), f"runs finished before their signal: {stopped}"
+    proc = _start(argv(out), env, log)
+    assert proc.wait(timeout=300) == 0, log.read_text()[-2000:]
     assert _result(out) == reference
     assert sorted(p.name for p in runs.iterdir()) == ["q"], "temporary folders left behind"
 

@@ -22,10 +22,13 @@ leaves nothing half-written; an existing non-empty MODEL_DIR is replaced only wi
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -100,6 +103,28 @@ def _checkpointer():
     import orbax.checkpoint as ocp
 
     return ocp.PyTreeCheckpointer()
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """Hold Ctrl-C until the block ends, then deliver it. For an Orbax save: it finishes in
+    background threads, which a KeyboardInterrupt in the main thread leaves writing into the
+    temporary folder `AtomicDir` is removing (it stayed behind) and raising at interpreter exit
+    (a traceback after the one-line message). One save is one layer group: a short wait."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if caught:
+        if callable(old):
+            old(signal.SIGINT, caught[0])  # Python's default handler raises KeyboardInterrupt
+        elif old == signal.SIG_DFL:
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def check_out_dir(out: str | os.PathLike, force: bool) -> Path:
@@ -196,7 +221,8 @@ class ModelDirWriter:
             self.dtypes.add(dtype_name(arr.dtype))
             if not np.all(np.isfinite(arr.astype(np.float32))):
                 raise ValueError(f"parameter {group}/{key} has non-finite values")
-        self._ckpt.save(self.root / PARAMS / group, _nest(flat))
+        with sigint_deferred():
+            self._ckpt.save(self.root / PARAMS / group, _nest(flat))
         self.groups.append(group)
 
     def finish(self, cfg, *, hf_config: dict | None = None,
