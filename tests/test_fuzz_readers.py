@@ -157,6 +157,21 @@ def test_fuzzed_qconfig(qconfig, tmp_path, data):
 
 
 @FUZZ
+@given(data=st.data())
+def test_fuzzed_sensitivity(tmp_path, data):
+    from mxmoe_jax.alloc.problem import layer_weights, load_sensitivity
+
+    sens = {"format": "mxmoe-jax/sensitivity/1", "meta": {"scheme": "w2a16_g-1_asym"},
+            "layers": {"0": {"alpha": 3.0, "dnll": 0.1}, "1": {"alpha": 1.0, "dnll": 0.02}}}
+    path = tmp_path / "sensitivity.json"
+    _dump(path, data.draw(_mutated(sens)))
+    try:
+        layer_weights(load_sensitivity(path), ["0", "1"])
+    except CLEAN as err:  # the file, or the flag naming it
+        assert "\n" not in str(err) and (str(path) in str(err) or "--sensitivity" in str(err))
+
+
+@FUZZ
 @given(raw=st.binary(max_size=64) | st.sampled_from([b"", b"{", b"NaN", b"[]", b'{"a": 1}']))
 def test_random_bytes_as_json(tmp_path, raw):
     from mxmoe_jax.alloc.qconfig import load_qconfig
@@ -165,8 +180,10 @@ def test_random_bytes_as_json(tmp_path, raw):
 
     path = tmp_path / "artifact.json"
     path.write_bytes(raw)
+    from mxmoe_jax.alloc.problem import load_sensitivity
+
     for read in (lambda: read_json(path, "trace"), lambda: load_qconfig(path),
-                 lambda: PerfModel.load(path)):
+                 lambda: PerfModel.load(path), lambda: load_sensitivity(path)):
         _assert_clean(read, path)
 
 

@@ -290,8 +290,15 @@ def proxy_loss(delta: np.ndarray, proxy: str) -> np.ndarray:
 
 
 def load_sensitivity(path) -> dict:
-    """A sensitivity.json (``mxmoe-jax sensitivity``, `eval.sensitivity`), format checked."""
-    return read_json(path, "sensitivity.json", SENSITIVITY_FORMAT)
+    """A sensitivity.json (``mxmoe-jax sensitivity``, `eval.sensitivity`), format checked and
+    ``layers`` checked to map layer indices to ``{"alpha": number, ...}``."""
+    sens = read_json(path, "sensitivity.json", SENSITIVITY_FORMAT)
+    layers = sens.get("layers")
+    if not isinstance(layers, dict) or not all(
+            isinstance(li, str) and li.isdigit() and isinstance(m, dict) and _number(m.get("alpha"))
+            for li, m in layers.items()):
+        raise ValueError(f"{path}: layers must map layer indices to {{\"alpha\": number, ...}}")
+    return sens
 
 
 def layer_weights(sens: dict, layers) -> dict[str, float]:
