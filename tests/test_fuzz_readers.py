@@ -187,6 +187,31 @@ def test_random_bytes_as_json(tmp_path, raw):
         _assert_clean(read, path)
 
 
+# --- model configs: an HF config.json (convert) and a MODEL_DIR's model.json (every reader) ----
+
+@FUZZ
+@given(data=st.data())
+def test_fuzzed_hf_config(tmp_path, data):
+    from mxmoe_jax.convert.hf_to_flax import hf_model_config
+
+    from tests.convert.convert_helpers import HF_FIXTURES
+
+    hf = json.loads((HF_FIXTURES / "qwen2_moe_sparse_step" / "config.json").read_text())
+    _dump(tmp_path / "config.json", data.draw(_mutated(hf)))
+    _assert_clean(lambda: hf_model_config(tmp_path), tmp_path / "config.json")
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzzed_model_manifest(tmp_path, data):
+    from mxmoe_jax.models.io import load_config
+    from tests.convert.convert_helpers import converted
+
+    manifest = json.loads((converted("qwen2_moe_sparse_step") / "model.json").read_text())
+    _dump(tmp_path / "model.json", data.draw(_mutated(manifest)))
+    _assert_clean(lambda: load_config(tmp_path), tmp_path / "model.json")
+
+
 # --- safetensors headers ---------------------------------------------------------------------
 
 def _safetensors(header: dict, data: bytes) -> bytes:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from mxmoe_jax.jsonio import MODEL_FORMAT as FORMAT
-from mxmoe_jax.jsonio import check_writable
+from mxmoe_jax.jsonio import check_writable, read_json
 
 MANIFEST = "model.json"
 HF_CONFIG = "config.json"
@@ -306,10 +306,7 @@ def read_manifest(model_dir: str | os.PathLike) -> dict:
                 "`mxmoe-jax convert --hf DIR --out MODEL_DIR`)"
                 if (model_dir / HF_CONFIG).is_file() else "")
         raise FileNotFoundError(f"{model_dir} is not a MODEL_DIR: no {MANIFEST}{hint}")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    manifest = read_json(path, "MODEL_DIR manifest")
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest
@@ -319,7 +316,12 @@ def load_config(model_dir: str | os.PathLike):
     """The ModelConfig of a MODEL_DIR (no parameters read)."""
     from mxmoe_jax.config import ModelConfig
 
-    return ModelConfig.from_dict(read_manifest(model_dir)["config"])
+    manifest = read_manifest(model_dir)
+    try:
+        return ModelConfig.from_dict(manifest["config"])
+    except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError) as err:
+        # a hand-edited or damaged model.json: whatever the check, name the file
+        raise ValueError(f"{Path(model_dir) / MANIFEST}: config: {err}") from None
 
 
 def iter_groups(model_dir: str | os.PathLike, dtype: Any = None
