@@ -37,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PATH_HINTS = {
+    NotADirectoryError: "a folder on that path is a file: choose another path",
+    IsADirectoryError: "it is a folder where a file is meant: name a file",
+    PermissionError: "choose a path you may read or write",
+}
+
+
 def _close_progress_bars() -> None:
     """Close the progress bars an error interrupted, so the message starts its own line (a bar
     left open has no newline after it)."""
@@ -56,6 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"mxmoe-jax {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (NotADirectoryError, IsADirectoryError, PermissionError) as err:
+        # a path that cannot be used as given (those not checked up front): one line too
+        _close_progress_bars()
+        if args.debug:
+            raise
+        print(f"mxmoe-jax {args.command}: error: {err.filename}: {err.strerror}; "
+              f"{_PATH_HINTS[type(err)]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         _close_progress_bars()

@@ -301,6 +301,23 @@ def test_an_out_under_a_file_names_the_file(tmp_path, capsys, command):
     assert "Errno" not in line and blocker.read_text() == "not a folder"
 
 
+def test_run_out_under_a_file_is_one_line(tmp_path, capsys):
+    """run finds it when it creates --out (not up front): still one line, exit 2. (bench too,
+    but only after measuring: 20 s, not tested here.)"""
+    from tests.convert.convert_helpers import HF_FIXTURES
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    out = blocker / "result"
+    text = tmp_path / "t.txt"
+    text.write_text("words " * 50)
+    assert cli(["run", "--model", str(HF_FIXTURES / "qwen2_moe_sparse_step"), "--calib",
+                str(text), "--eval", str(text), "--wbits", "4", "--out", str(out)]) == 2
+    line = _only_error_line(capsys.readouterr().err, "run")
+    assert f"{out}: Not a directory; a folder on that path is a file" in line
+    assert blocker.read_text() == "not a folder"
+
+
 @pytest.mark.parametrize("command", ["convert", "profile"])
 def test_an_out_in_a_folder_that_is_not_writable(tmp_path, capsys, command):
     import os
