@@ -69,7 +69,6 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(hf, dict):
         raise ValueError(f"{path}: expected a JSON object")
-    name_map.family(hf.get("model_type"))  # the supported-list error, before anything else
     return hf
 
 
@@ -78,8 +77,9 @@ def hf_model_config(hf_dir: str | os.PathLike):
     ValueError naming it."""
     from mxmoe_jax.config import ModelConfig
 
-    hf = read_hf_config(hf_dir)
+    hf = read_hf_config(hf_dir)  # no file, not JSON, not an object: its own error
     try:
+        name_map.family(hf.get("model_type"))  # the supported-list error, before anything else
         return hf, ModelConfig.from_hf(hf)
     except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError) as err:
         # a damaged or unusual config.json: whatever the check, name the file
