@@ -69,8 +69,21 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(hf, dict):
         raise ValueError(f"{path}: expected a JSON object")
-    name_map.family(hf.get("model_type"))  # the supported-list error, before anything else
     return hf
+
+
+def hf_model_config(hf_dir: str | os.PathLike):
+    """(config.json dict, ModelConfig) of an HF folder; whatever is wrong with config.json is a
+    ValueError naming it."""
+    from mxmoe_jax.config import ModelConfig
+
+    hf = read_hf_config(hf_dir)  # no file, not JSON, not an object: its own error
+    try:
+        name_map.family(hf.get("model_type"))  # the supported-list error, before anything else
+        return hf, ModelConfig.from_hf(hf)
+    except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError) as err:
+        # a damaged or unusual config.json: whatever the check, name the file
+        raise ValueError(f"{Path(hf_dir) / 'config.json'}: {err}") from None
 
 
 def _short(names: list[str]) -> str:
@@ -113,14 +126,12 @@ def plan(cfg, reader: SafetensorsReader) -> list[name_map.Source]:
 def convert_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "fp32",
                force: bool = False, progress: bool = False) -> ConvertReport:
     """Convert an HF folder to a MODEL_DIR (see the module docstring). ``dtype``: bf16 | fp32."""
-    from mxmoe_jax.config import ModelConfig
     from mxmoe_jax.models import io
 
     start, start_rss = time.perf_counter(), _rss_now()
     target = io.np_dtype(dtype)
     io.check_out_dir(out_dir, force)  # fail before reading anything large
-    hf = read_hf_config(hf_dir)
-    cfg = ModelConfig.from_hf(hf)
+    hf, cfg = hf_model_config(hf_dir)
     with SafetensorsReader(hf_dir) as reader:
         srcs = plan(cfg, reader)
         groups: dict[str, list[name_map.Source]] = {}

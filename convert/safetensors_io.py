@@ -8,7 +8,7 @@ up front and then read tensor by tensor (``safetensors.safe_open``, numpy framew
 
 Every failure is a ``ValueError`` / ``FileNotFoundError`` that names the file and what is wrong:
 missing shard, a header that does not parse, a file shorter than its header says (truncated), a
-tensor whose bytes cannot be read.
+tensor whose bytes cannot be read, a floating-point tensor holding NaN or Inf.
 """
 
 from __future__ import annotations
@@ -137,4 +137,10 @@ class SafetensorsReader:
         if tuple(arr.shape) != info.shape:
             raise ValueError(f"{info.file}: tensor {key} read as {arr.shape}, header says "
                              f"{info.shape}")
-        return np.array(arr, copy=True)  # own the memory: the mapping closes at release()
+        arr = np.array(arr, copy=True)  # own the memory: the mapping closes at release()
+        if arr.dtype.kind == "f" or arr.dtype.name == "bfloat16":
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr.astype(np.float32))))
+            if bad:
+                raise ValueError(f"{info.file}: tensor {key} has {bad} NaN or Inf value(s); the "
+                                 "checkpoint is damaged (download or export it again)")
+        return arr

@@ -65,8 +65,19 @@ def model_windows(cfg, tokenizer_dir: str | os.PathLike, files, *, seqlen: int, 
     check_seqlen(cfg, seqlen)
     tokenizer = load_tokenizer(tokenizer_dir)
     check_tokenizer(tokenizer, cfg, tokenizer_dir)
-    return token_windows(tokenize_texts(tokenizer, files), seqlen=seqlen, nsamples=nsamples,
-                         sampling=sampling, seed=seed)
+    ids = tokenize_texts(tokenizer, files)
+    check_text_length(ids, files, seqlen, sampling)
+    return token_windows(ids, seqlen=seqlen, nsamples=nsamples, sampling=sampling, seed=seed)
+
+
+def check_text_length(ids: np.ndarray, files, seqlen: int, sampling: str = "whole") -> None:
+    """A text too short for one window of ``seqlen`` tokens (``sample``: one more, the offset
+    range) is an error naming the files and --seqlen."""
+    need = seqlen + 1 if sampling == "sample" else seqlen
+    if len(ids) < need:
+        names = ", ".join(str(f) for f in files)
+        raise ValueError(f"{names}: {len(ids)} tokens, too few for one window of --seqlen "
+                         f"{seqlen} (needs {need}); give a longer text or a smaller --seqlen")
 
 
 def read_texts(files: Sequence[str | os.PathLike]) -> str:

@@ -66,11 +66,12 @@ def main(args: argparse.Namespace) -> int:
     import math
 
     from mxmoe_jax.alloc.qconfig import from_original, to_original
-    from mxmoe_jax.jsonio import write_json_atomic
+    from mxmoe_jax.jsonio import check_writable, write_json_atomic
 
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists; pass --force to overwrite")
+    check_writable(out)
     if args.import_original:
         src = Path(args.import_original)
         if not src.is_file():

@@ -94,6 +94,75 @@ def _list_missing(items: list[str], limit: int = 8) -> str:
     return ", ".join(items[:limit]) + more
 
 
+def _number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def check_trace(trace: dict, where: str = "trace") -> None:
+    """The fields `build_inputs` reads, with their types; a ValueError naming the first bad one."""
+    nk = trace.get("NK")
+    if not (isinstance(nk, list) and len(nk) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in nk)):
+        raise ValueError(f"{where}: NK must be [moe_intermediate_size, hidden_size] (two "
+                         f"positive integers), got {nk!r}")
+    tokens = trace.get("num_tokens")
+    if not (_number(tokens) and 0 < tokens < math.inf):
+        raise ValueError(f"{where}: num_tokens must be a positive number, got {tokens!r}")
+    ratio = trace.get("num_shared_experts", 0) or 0
+    if not (_number(ratio) and 0 <= ratio < math.inf):
+        raise ValueError(f"{where}: num_shared_experts must be a number >= 0, got {ratio!r}")
+    fp = trace.get("model_fingerprint")
+    if fp is not None and not isinstance(fp, str):
+        raise ValueError(f"{where}: model_fingerprint must be a string, got {fp!r}")
+    layers = trace.get("moe_layers", [])
+    if not (isinstance(layers, list)
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
+        raise ValueError(f"{where}: moe_layers must be a list of layer indices, got {layers!r}")
+    for key, value in trace.items():
+        if key.startswith("layer-"):
+            freq = value.get("access_freq") if isinstance(value, dict) else None
+            if not key[6:].isdigit() or not (
+                    isinstance(freq, list) and freq
+                    and all(_number(f) and 0 <= f < math.inf for f in freq)):
+                raise ValueError(f"{where}: {key}.access_freq must be a non-empty list of "
+                                 "token counts >= 0")
+
+
+def check_loss(loss: dict, where: str = "loss") -> None:
+    """The fields `build_inputs` reads, with their types; a ValueError naming the first bad one:
+    ``losses[scheme][layer][expert]`` is ``[Δ gate, Δ up, Δ down]`` (numbers or null)."""
+    meta = loss.get("meta", {})
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where}: meta must be an object, got {type(meta).__name__}")
+    fp = meta.get("model_fingerprint")
+    if fp is not None and not isinstance(fp, str):
+        raise ValueError(f"{where}: meta.model_fingerprint must be a string, got {fp!r}")
+    subs = meta.get("group_size_substitutions", [])
+    if not isinstance(subs, list) or not all(
+            isinstance(d, dict) and isinstance(d.get("scheme"), str)
+            and isinstance(d.get("used"), str) and isinstance(d.get("k"), int) and d["k"] > 0
+            for d in subs):
+        raise ValueError(f"{where}: meta.group_size_substitutions must be a list of "
+                         "{scheme, k, used}")
+    table = loss.get("losses")
+    if not isinstance(table, dict) or not table:
+        raise ValueError(f"{where}: no 'losses' table")
+    for name, layers in table.items():
+        try:
+            QScheme.parse(name)
+        except ValueError as err:
+            raise ValueError(f"{where}: losses: {err}") from None
+        if not isinstance(layers, dict):
+            raise ValueError(f"{where}: losses.{name} must be an object of layers")
+        for layer, experts in layers.items():
+            if not isinstance(experts, dict):
+                raise ValueError(f"{where}: losses.{name}.{layer} must be an object of experts")
+            for e, row in experts.items():
+                if not (isinstance(row, list) and all(v is None or _number(v) for v in row)):
+                    raise ValueError(f"{where}: losses.{name}.{layer}.{e} must be a list of "
+                                     f"[Δ gate, Δ up, Δ down] (numbers or null), got {row!r}")
+
+
 def build_inputs(trace: dict, loss: dict, perf: PerfModel, *, batch: int,
                  schemes: list[str] | None = None, names: tuple[str, str] = ("trace", "loss")
                  ) -> AllocInputs:
@@ -108,6 +177,8 @@ def build_inputs(trace: dict, loss: dict, perf: PerfModel, *, batch: int,
     for field in ("NK", "num_tokens"):
         if field not in trace:
             raise ValueError(f"{tname}: missing field {field!r}")
+    check_trace(trace, tname)
+    check_loss(loss, lname)
     moe_inter, hidden = (int(v) for v in trace["NK"])
     num_tokens = float(trace["num_tokens"])
     ratio = float(trace.get("num_shared_experts", 0) or 0)
@@ -115,9 +186,7 @@ def build_inputs(trace: dict, loss: dict, perf: PerfModel, *, batch: int,
     if ratio and abs(shared_inter - ratio * moe_inter) > 1e-6 * moe_inter:
         raise ValueError(f"{tname}: num_shared_experts {ratio} x NK[0] {moe_inter} is not whole")
 
-    table = loss.get("losses")
-    if not isinstance(table, dict) or not table:
-        raise ValueError(f"{lname}: no 'losses' table")
+    table = loss["losses"]
     for sub in loss.get("meta", {}).get("group_size_substitutions", []):
         used = QScheme.parse(sub["scheme"]).for_k(int(sub["k"])).name
         if used != sub["used"]:  # the Δ is of another scheme than the one quantize would use
@@ -221,8 +290,15 @@ def proxy_loss(delta: np.ndarray, proxy: str) -> np.ndarray:
 
 
 def load_sensitivity(path) -> dict:
-    """A sensitivity.json (``mxmoe-jax sensitivity``, `eval.sensitivity`), format checked."""
-    return read_json(path, "sensitivity.json", SENSITIVITY_FORMAT)
+    """A sensitivity.json (``mxmoe-jax sensitivity``, `eval.sensitivity`), format checked and
+    ``layers`` checked to map layer indices to ``{"alpha": number, ...}``."""
+    sens = read_json(path, "sensitivity.json", SENSITIVITY_FORMAT)
+    layers = sens.get("layers")
+    if not isinstance(layers, dict) or not all(
+            isinstance(li, str) and li.isdigit() and isinstance(m, dict) and _number(m.get("alpha"))
+            for li, m in layers.items()):
+        raise ValueError(f"{path}: layers must map layer indices to {{\"alpha\": number, ...}}")
+    return sens
 
 
 def layer_weights(sens: dict, layers) -> dict[str, float]:

@@ -137,15 +137,23 @@ def validate_qconfig(q: dict, where: str = "qconfig") -> dict:
     """Check the schema; returns ``q``. Raises ValueError naming the first problem."""
     if q.get("format") != FORMAT:
         raise ValueError(f"{where}: format {q.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(q.get("meta", {}), dict):
+        raise ValueError(f"{where}: 'meta' must be an object")
     layers = q.get("layers")
     if not isinstance(layers, dict) or not layers:
         raise ValueError(f"{where}: 'layers' must be a non-empty object")
     for layer, experts in layers.items():
+        if not layer.isdigit() or not isinstance(experts, dict):
+            raise ValueError(f"{where}: layers.{layer} must be a layer index holding an object of "
+                             "experts")
         for e, blocks in experts.items():
-            if set(blocks) != set(BLOCKS):
+            if not e.isdigit() or not isinstance(blocks, dict) or set(blocks) != set(BLOCKS):
                 raise ValueError(f"{where}: layer {layer} expert {e} needs exactly {BLOCKS}")
             for b in BLOCKS:
-                QScheme.parse(blocks[b])
+                try:
+                    QScheme.parse(blocks[b])
+                except ValueError as err:
+                    raise ValueError(f"{where}: layer {layer} expert {e} {b}: {err}") from None
             if QScheme.parse(blocks["gate"]) != QScheme.parse(blocks["up"]):
                 raise ValueError(f"{where}: layer {layer} expert {e}: gate and up must share a "
                                  "scheme (they run as one GEMM)")

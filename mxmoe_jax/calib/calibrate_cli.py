@@ -45,10 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from mxmoe_jax.calib.calibrate import CalibConfig, calibrate_files
+    from mxmoe_jax.jsonio import check_writable
     from mxmoe_jax.quant.scheme import ORIGINAL_SCHEMES
 
     if Path(args.out).exists() and not args.force:
         raise FileExistsError(f"{args.out} exists; pass --force to overwrite it")
+    check_writable(args.out)  # before the calibration, not after
     schemes = []
     for s in args.schemes:
         schemes.extend(ORIGINAL_SCHEMES if s == "original" else [s])

@@ -31,11 +31,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from mxmoe_jax.calib.trace import plot_traces, trace_files
-    from mxmoe_jax.jsonio import write_json_atomic
+    from mxmoe_jax.jsonio import check_writable, write_json_atomic
 
     for path in (args.out, args.plot):
         if path and Path(path).exists() and not args.force:
             raise FileExistsError(f"{path} exists; pass --force to overwrite it")
+        if path:
+            check_writable(path)  # before the forward passes, not after
     trace = trace_files(args.model, args.text, seqlen=args.seqlen, nsamples=args.nsamples,
                         sampling=args.sampling, seed=args.seed, tokenizer_dir=args.tokenizer,
                         batch_tokens=args.batch_tokens, progress=True)

@@ -71,6 +71,7 @@ def main(args: argparse.Namespace) -> int:
 
     from mxmoe_jax.data import (
         check_seqlen,
+        check_text_length,
         check_tokenizer,
         load_tokenizer,
         tokenize_texts,
@@ -95,7 +96,9 @@ def main(args: argparse.Namespace) -> int:
     check_seqlen(cfg, args.seqlen)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     check_tokenizer(tokenizer, cfg, args.tokenizer or args.model)
-    ids = whole_windows(tokenize_texts(tokenizer, [args.text]), args.seqlen, args.max_windows)
+    ids = tokenize_texts(tokenizer, [args.text])
+    check_text_length(ids, [args.text], args.seqlen)
+    ids = whole_windows(ids, args.seqlen, args.max_windows)
     if in_memory:
         model = _quantize(args, dtype)
     else:

@@ -22,10 +22,13 @@ leaves nothing half-written; an existing non-empty MODEL_DIR is replaced only wi
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from mxmoe_jax.jsonio import MODEL_FORMAT as FORMAT
+from mxmoe_jax.jsonio import check_writable, read_json
 
 MANIFEST = "model.json"
 HF_CONFIG = "config.json"
@@ -101,9 +105,33 @@ def _checkpointer():
     return ocp.PyTreeCheckpointer()
 
 
+@contextlib.contextmanager
+def sigint_deferred():
+    """Hold Ctrl-C until the block ends, then deliver it. For an Orbax save: it finishes in
+    background threads, which a KeyboardInterrupt in the main thread leaves writing into the
+    temporary folder `AtomicDir` is removing (it stayed behind) and raising at interpreter exit
+    (a traceback after the one-line message). One save is one layer group: a short wait."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if caught:
+        if callable(old):
+            old(signal.SIGINT, caught[0])  # Python's default handler raises KeyboardInterrupt
+        elif old == signal.SIG_DFL:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 def check_out_dir(out: str | os.PathLike, force: bool) -> Path:
-    """Refuse to replace an existing non-empty folder (or a file) unless ``force``."""
+    """Refuse to replace an existing non-empty folder (or a file) unless ``force``, and an
+    ``out`` that cannot be created (under a file, in a folder that is not writable)."""
     out = Path(out)
+    check_writable(out)
     if out.exists() and not force:
         if not out.is_dir():
             raise FileExistsError(f"{out} exists and is not a folder; pass --force to replace it")
@@ -135,20 +163,29 @@ class AtomicDir:
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
 
     def __enter__(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._remove_stale()
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir()
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self._remove_stale()
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir()
+        except OSError as err:
+            raise ValueError(f"{self.out}: cannot be written ({err.strerror or err}); choose "
+                             "another --out") from None
         return self.tmp
 
     def _remove_stale(self) -> None:
         """Remove temporary folders of ``out`` left by processes that no longer run (a
-        ``kill -9`` mid-write); those of live processes (another writer) are left alone."""
-        for stale in self.out.parent.glob(f".{glob.escape(self.out.name)}.tmp-*"):
-            pid = stale.name.rsplit("-", 1)[1]
-            if pid.isdigit() and not _alive(int(pid)) and stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
+        ``kill -9`` mid-write), and their ``.old-`` copies once ``out`` exists (killed while
+        deleting the replaced folder); those of live processes (another writer) are left alone.
+        An ``.old-`` folder without ``out`` (killed between the two renames) is kept: it may be
+        the one complete copy."""
+        kinds = ("tmp", "old") if self.out.exists() else ("tmp",)
+        for kind in kinds:
+            for stale in self.out.parent.glob(f".{glob.escape(self.out.name)}.{kind}-*"):
+                pid = stale.name.rsplit("-", 1)[1]
+                if pid.isdigit() and not _alive(int(pid)) and stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
@@ -184,7 +221,8 @@ class ModelDirWriter:
             self.dtypes.add(dtype_name(arr.dtype))
             if not np.all(np.isfinite(arr.astype(np.float32))):
                 raise ValueError(f"parameter {group}/{key} has non-finite values")
-        self._ckpt.save(self.root / PARAMS / group, _nest(flat))
+        with sigint_deferred():
+            self._ckpt.save(self.root / PARAMS / group, _nest(flat))
         self.groups.append(group)
 
     def finish(self, cfg, *, hf_config: dict | None = None,
@@ -268,10 +306,7 @@ def read_manifest(model_dir: str | os.PathLike) -> dict:
                 "`mxmoe-jax convert --hf DIR --out MODEL_DIR`)"
                 if (model_dir / HF_CONFIG).is_file() else "")
         raise FileNotFoundError(f"{model_dir} is not a MODEL_DIR: no {MANIFEST}{hint}")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    manifest = read_json(path, "MODEL_DIR manifest")
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest
@@ -281,7 +316,12 @@ def load_config(model_dir: str | os.PathLike):
     """The ModelConfig of a MODEL_DIR (no parameters read)."""
     from mxmoe_jax.config import ModelConfig
 
-    return ModelConfig.from_dict(read_manifest(model_dir)["config"])
+    manifest = read_manifest(model_dir)
+    try:
+        return ModelConfig.from_dict(manifest["config"])
+    except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError) as err:
+        # a hand-edited or damaged model.json: whatever the check, name the file
+        raise ValueError(f"{Path(model_dir) / MANIFEST}: config: {err}") from None
 
 
 def iter_groups(model_dir: str | os.PathLike, dtype: Any = None

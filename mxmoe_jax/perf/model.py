@@ -25,12 +25,12 @@ this machine's GPU and kernels (``perf.profile``) and warns, or raises with ``st
 from __future__ import annotations
 
 import bisect
-import json
 import math
 import warnings
 from pathlib import Path
 
 from mxmoe_jax.jsonio import PERF_FORMAT as FORMAT
+from mxmoe_jax.jsonio import read_json
 from mxmoe_jax.quant.scheme import QScheme
 
 _REQUIRED = ("format", "source", "device", "points")
@@ -42,6 +42,9 @@ class PerfModel:
 
     def __init__(self, table: dict, *, path: str | None = None):
         where = path or "perf table"
+        if not isinstance(table, dict):
+            raise ValueError(f"{where}: a perf table is a JSON object, not a "
+                             f"{type(table).__name__}")
         missing = [f for f in _REQUIRED if f not in table]
         if missing:
             raise ValueError(f"{where}: missing field(s) {missing}")
@@ -54,7 +57,13 @@ class PerfModel:
         self.path = path
         self.source: str = table["source"]
         self.device: str = table["device"]
-        self.launch_us: float = float(table.get("launch_us", 0.0))
+        try:
+            self.launch_us: float = float(table.get("launch_us", 0.0))
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: launch_us must be a number, got "
+                             f"{table['launch_us']!r}") from None
+        if not math.isfinite(self.launch_us) or self.launch_us < 0:
+            raise ValueError(f"{where}: launch_us must be a finite number >= 0")
         if not isinstance(table["points"], list):
             raise ValueError(f"{where}: points must be a list")
         best: dict[tuple[str, int, int], dict[int, tuple[float, dict]]] = {}
@@ -65,9 +74,9 @@ class PerfModel:
                 m, n, k, t = int(p["m"]), int(p["n"]), int(p["k"]), float(p["time_us"])
                 experts = int(p.get("experts", 1))
                 tile = {f: int(p["tile"][f]) for f in _TILE_FIELDS}
-            except (KeyError, TypeError, ValueError, AttributeError) as err:
+            except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as err:
                 raise ValueError(f"{where}: points[{i}] is malformed ({err})") from None
-            if m < 0 or not t >= 0 or experts < 1:
+            if m < 0 or not 0 <= t < math.inf or experts < 1:
                 raise ValueError(f"{where}: points[{i}] has m < 0, experts < 1 or a bad time_us")
             slot = best.setdefault((name, n, k), {})
             if m not in slot or t < slot[m][0]:
@@ -85,10 +94,7 @@ class PerfModel:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: perf table not found (make one with "
                                     "`mxmoe-jax profile --analytic DEVICE --shapes MODEL`)")
-        try:
-            table = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        table = read_json(path, "perf table")
         return cls(table, path=str(path))
 
     @property

@@ -155,7 +155,8 @@ def save_qmodel(qmodel, allocation: Allocation, out: str | os.PathLike, *, quant
         # Gaussian weights, which are not uniform over the grid), and loading skips a decode
         ckpt = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
         for key, arrays in store.items():
-            ckpt.save((tmp / "quantized" / key).absolute(), arrays)
+            with model_io.sigint_deferred():  # Orbax saves in threads: see there
+                ckpt.save((tmp / "quantized" / key).absolute(), arrays)
         (tmp / "qconfig.json").write_text(json.dumps(make_qconfig(
             allocation.to_layers(), meta={"quantizer": quantizer}, summary={}), indent=1) + "\n")
         if rotation is not None:
