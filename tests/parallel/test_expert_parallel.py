@@ -1,0 +1,107 @@
+"""The expert-parallel MoE layer (``mxmoe_jax.parallel``) equals the single-device forward.
+
+The 8-device checks run ``ep_check.py`` in a subprocess: the CPU device count is fixed when JAX
+starts, and this process started it with one device. The reference is ``models.moe.moe_forward``
+(tested against per-token NumPy loops in ``tests/models`` and ``tests/quantize``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mxmoe_jax.models import moe
+from mxmoe_jax.parallel import Placement, expert_mesh, shard_experts
+from tests.conftest import REPO
+from tests.parallel import ep_check
+
+DEVICES = (2, 4, 8)
+CASES = ("random", "empty_expert", "all_to_one")
+
+
+@pytest.fixture(scope="module")
+def rows():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "tests.parallel.ep_check",
+                           *map(str, DEVICES)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_every_case_ran(rows):
+    got = {(r["weights"], r["case"], r["devices"]) for r in rows}
+    want = {(w, c, n) for w in ("bf16", "mixed") for c in CASES for n in DEVICES}
+    assert want <= got
+    assert any(r["placement"] == "roundrobin4" for r in rows)
+
+
+def test_sharded_layer_equals_single_device(rows):
+    for r in rows:
+        assert r["shape"] == [ep_check.T, ep_check.D], r
+        assert r["scale"] > 1.0, r  # the outputs are not near zero: the comparison can fail
+        # f32 outputs of the same row-wise products, summed in the same order: a few ulps
+        assert r["err"] <= 1e-6 * r["scale"], r
+
+
+def test_routing_cases_are_uneven(rows):
+    for r in rows:
+        loads = r["loads"]
+        assert sum(loads) == ep_check.T * ep_check.K
+        if r["case"] == "empty_expert":
+            assert loads[5] == 0, r
+        if r["case"] == "all_to_one":  # every token on expert 6 (and 1): six experts idle
+            assert loads[6] == ep_check.T and loads.count(0) == ep_check.E - 2, r
+
+
+def test_weights_are_sharded(rows):
+    for r in rows:
+        total, local = r["weight_rows"]
+        assert r["weight_devices"] == r["devices"], r
+        assert local * r["devices"] == total, r  # each device holds its own slots only
+        if r["weights"] == "bf16":  # one scheme: E/N slots per device, no filler
+            assert r["filler"] == 0 and local == ep_check.E // r["devices"], r
+    # mixed on 2 devices (by hand from GATE_UP/DOWN): experts 0-3 and 4-7 are of 7 distinct
+    # (gate_up, down) kinds, each at most once per device: 7 slots each, 14 - 8 = 6 fillers
+    (r,) = [r for r in rows if r["weights"] == "mixed" and r["placement"] == "contiguous2"
+            and r["case"] == "random"]
+    assert r["filler"] == 6
+
+
+def test_placement_checks():
+    assert Placement.contiguous(8, 4).device_of == (0, 0, 1, 1, 2, 2, 3, 3)
+    with pytest.raises(ValueError, match="num_devices"):
+        Placement.contiguous(6, 4)
+    with pytest.raises(ValueError, match="hold no expert"):
+        Placement(device_of=(0, 0, 2, 2), num_devices=3)
+    with pytest.raises(ValueError, match="not in"):
+        Placement(device_of=(0, 5), num_devices=2)
+    with pytest.raises(ValueError, match="num_devices"):
+        expert_mesh(len(jax.devices()) + 1)
+
+
+def test_shard_experts_slots():
+    """Slots by (gate_up, down) kind, the same run on every device; fillers copy an expert."""
+    e = 4
+    w = jnp.arange(e, dtype=jnp.float32)[:, None, None] * jnp.ones((e, 2, 3))
+    ew = moe.ExpertWeights(
+        gate_up=(moe.SchemeGroup(w=w[np.array([0, 1, 2])], experts=(0, 1, 2), scheme=moe.W16A16),
+                 moe.SchemeGroup(w=w[np.array([3])], experts=(3,), scheme=moe.W16A16)),
+        down=(moe.SchemeGroup(w=w, experts=(0, 1, 2, 3), scheme=moe.W16A16),), num_experts=e)
+    s = shard_experts(ew, Placement.contiguous(e, 2))
+    # device 0: experts 0, 1 (kind A); device 1: 2 (kind A), 3 (kind B): A needs 2 slots, B 1
+    assert s.num_slots == 3 and s.filler_slots == 2
+    assert s.dest == (0, 0, 1, 1) and s.slot == (0, 1, 0, 2)
+    ga, gb = s.weights.gate_up
+    assert ga.experts == (0, 1) and gb.experts == (2,)
+    np.testing.assert_array_equal(np.asarray(ga.w)[:, 0, 0], [0, 1, 2, 0])  # dev0 0,1; dev1 2,fill
+    np.testing.assert_array_equal(np.asarray(gb.w)[:, 0, 0], [3, 3])  # dev0 fill; dev1 3
+    np.testing.assert_array_equal(np.asarray(s.weights.down[0].w)[:, 0, 0], [0, 1, 0, 2, 0, 3])
