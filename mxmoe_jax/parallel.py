@@ -29,9 +29,9 @@ while a mixed allocation gives each device its own mix of schemes. The local exp
 live in *slots*: experts of one *kind* (their gate_up and down scheme groups) get the same run of
 slots on every device, as many as the device with the most experts of that kind needs. A device
 with fewer fills the rest with a copy of another expert of the group (never routed to: its group
-size is 0). A placement whose devices hold the same number of experts of each kind (a uniform
-allocation, or one balanced by ``alloc.balance``) has no filler slots; ``ShardedExperts
-.filler_slots`` counts them (memory held, no compute).
+size is 0). A placement whose devices hold the same number of experts of each kind (any
+placement of a uniform allocation) has no filler slots, ``Placement.by_kind`` keeps them below
+``N - 1`` per kind; ``ShardedExperts.filler_slots`` counts them (memory held, no compute).
 
 Limits: no hooks (capture, activation fake-quant): the padded calibration layout has its own
 sharded path (`sharded_chunk_losses`). Not timed on several GPUs (no such machine was lent).
@@ -105,6 +105,22 @@ class Placement:
                              "experts (a contiguous placement holds E/N experts per device)")
         per = num_experts // num_devices
         return cls(device_of=tuple(e // per for e in range(num_experts)), num_devices=num_devices)
+
+    @classmethod
+    def by_kind(cls, weights: ExpertWeights, num_devices: int) -> Placement:
+        """Experts dealt round-robin over the devices in order of their (gate_up, down) scheme
+        groups: every device gets ``E/N`` experts (``E`` a multiple of ``N``) and each scheme
+        pair evenly (at most one apart), which keeps `shard_experts`' filler slots below
+        ``N - 1`` per scheme pair. Not contiguous: ``SolveConfig.devices`` assumes contiguous."""
+        e = weights.num_experts
+        if num_devices < 1 or e % num_devices:
+            raise ValueError(f"num_devices: {num_devices} does not divide the {e} experts")
+        gu, dn = _group_of(weights.gate_up, e), _group_of(weights.down, e)
+        order = sorted(range(e), key=lambda x: (gu[x], dn[x], x))
+        device_of = [0] * e
+        for i, x in enumerate(order):
+            device_of[x] = i % num_devices
+        return cls(device_of=tuple(device_of), num_devices=num_devices)
 
     @property
     def num_experts(self) -> int:
@@ -250,14 +266,16 @@ def _local_experts(sharded: ShardedExperts, block: MoEBlock, x_td: jax.Array, *,
     return combine(y_pairs, d, weight)
 
 
-def _shared(block: MoEBlock, x_td: jax.Array, impl: str | None) -> jax.Array:
-    """The gated shared expert's output ``[t, D]`` f32 on this device's tokens (zeros: none)."""
+def _shared(block: MoEBlock, x_td: jax.Array, impl: str | None,
+            shared: ExpertWeights | None) -> jax.Array:
+    """The gated shared expert's output ``[t, D]`` f32 on this device's tokens (zeros: none);
+    ``shared`` replaces its weights."""
     cfg = block.cfg
     if cfg.shared_intermediate_size <= 0:
         return jnp.zeros(x_td.shape, jnp.float32)
     x_td = x_td.astype(block.dtype)
     ys = dense_swiglu(block.shared, x_td, dtype=block.dtype, expert_index=cfg.num_experts,
-                      impl=impl)
+                      impl=impl, weights=shared)
     return block.shared_weight(x_td)[:, None] * ys.astype(jnp.float32)
 
 
@@ -267,28 +285,32 @@ def _compiled(graphdef, mesh: Mesh, axis: str, capacity: int | None, impl: str |
     the same layer with other router weights, share one compilation per input shape)."""
 
     def body(x_td, state, experts):
-        placeholder, rest = state
+        placeholder, rest, shared = state
         blk = nnx.merge(graphdef, placeholder, rest)
         y = _local_experts(experts, blk, x_td, axis=axis, capacity=capacity, impl=impl)
-        return y + _shared(blk, x_td, impl)
+        return y + _shared(blk, x_td, impl, shared)
 
+    # check_vma=False: the Pallas kernels' pallas_call out_shapes carry no varying-axes type
+    # (shard_map refuses them otherwise); every output here is per device (out_specs P(axis))
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(axis), P(), P(axis)),
-                                 out_specs=P(axis)))
+                                 out_specs=P(axis), check_vma=False))
 
 
 class ExpertParallelMoE:
     """One MoE block run expert-parallel on ``mesh`` (module docstring).
 
     ``ExpertParallelMoE(block, mesh)(x [T, D]) -> [T, D]`` f32, sharded over the tokens: the
-    numbers of ``moe_forward(block, x)`` (sorted layout). ``routed`` replaces the block's routed
-    experts (e.g. a quantized stack); ``placement`` defaults to contiguous. The block's other
+    numbers of ``moe_forward(block, x, routed=, shared=)`` (sorted layout): ``routed`` /
+    ``shared`` replace the block's expert weights (e.g. quantized stacks); ``placement`` defaults
+    to contiguous. The block's other
     weights (router, shared expert and gate) are replicated; the routed weights are sharded and
     passed as arguments, never compiled in as constants.
     """
 
     def __init__(self, block: MoEBlock, mesh: Mesh, *, axis: str = AXIS,
                  placement: Placement | None = None, routed: ExpertWeights | None = None,
-                 capacity: int | None = None, impl: str | None = None):
+                 shared: ExpertWeights | None = None, capacity: int | None = None,
+                 impl: str | None = None):
         if axis not in mesh.axis_names or len(mesh.axis_names) != 1:
             raise ValueError(f"mesh: expected a one-axis mesh named {axis!r}, got axes "
                              f"{mesh.axis_names}")
@@ -305,7 +327,7 @@ class ExpertParallelMoE:
         sharded = shard_experts(routed, self.placement)
         graphdef, placeholder, rest = split_block(block)
         self.experts = jax.device_put(sharded, NamedSharding(mesh, P(axis)))
-        self.state = jax.device_put((placeholder, rest), NamedSharding(mesh, P()))
+        self.state = jax.device_put((placeholder, rest, shared), NamedSharding(mesh, P()))
         self._fn = _compiled(graphdef, mesh, axis, capacity, impl)
 
     def __call__(self, x_td: jax.Array) -> jax.Array:

@@ -19,6 +19,7 @@ from flax import nnx
 
 from mxmoe_jax.config import ModelConfig
 from mxmoe_jax.models import moe
+from mxmoe_jax.ops import kernel_mode
 from mxmoe_jax.parallel import ExpertParallelMoE, Placement, expert_mesh
 from mxmoe_jax.quant.packing import pack
 from mxmoe_jax.quant.rtn import quantize_rtn
@@ -66,6 +67,19 @@ def mixed_weights(block: moe.MoEBlock, gate_up: list, down: list) -> moe.ExpertW
     return moe.ExpertWeights(gate_up=groups["gate_up"], down=groups["down"], num_experts=E)
 
 
+def shared_weights(block: moe.MoEBlock, name: str) -> moe.ExpertWeights:
+    """The shared expert quantized with ``name`` (a stack of one, packed)."""
+    s = block.shared
+    gate_up = jnp.concatenate([s.gate_proj.kernel[...], s.up_proj.kernel[...]], -1)[None]
+    down = s.down_proj.kernel[...][None]
+    scheme = QScheme.parse(name)
+    return moe.ExpertWeights(
+        gate_up=(moe.SchemeGroup(w=pack(quantize_rtn(gate_up, name)), experts=(0,),
+                                 scheme=scheme),),
+        down=(moe.SchemeGroup(w=pack(quantize_rtn(down, name)), experts=(0,), scheme=scheme),),
+        num_experts=1)
+
+
 def routing_case(block: moe.MoEBlock, case: str, rng) -> jax.Array:
     """Inputs (and router weights) for a routing case; feature 0 of every token is 4."""
     x = rng.normal(size=(T, D)).astype(np.float32)
@@ -82,22 +96,24 @@ def routing_case(block: moe.MoEBlock, case: str, rng) -> jax.Array:
 
 def main(device_counts: list[int]) -> None:
     rng = np.random.default_rng(0)
-    ref_fn = nnx.jit(lambda b, v, r: moe.moe_forward(b, v, routed=r))
+    ref_fn = nnx.jit(lambda b, v, r, s: moe.moe_forward(b, v, routed=r, shared=s))
     for weights in ("bf16", "mixed"):
         block = make_block(jnp.bfloat16 if weights == "bf16" else jnp.float32)
-        routed = (block.experts.weights() if weights == "bf16"
-                  else mixed_weights(block, GATE_UP, DOWN))
+        routed, shared = block.experts.weights(), None
+        if weights == "mixed":  # and the shared expert in w8a8
+            routed = mixed_weights(block, GATE_UP, DOWN)
+            shared = shared_weights(block, "w8a8_g-1_sym")
         placements = {f"contiguous{n}": (n, None) for n in device_counts}
-        if weights == "mixed":  # the same on 4 devices, experts dealt round-robin
-            placements["roundrobin4"] = (4, Placement(device_of=tuple(e % 4 for e in range(E)),
-                                                      num_devices=4))
+        if weights == "mixed":  # on 4 devices, experts dealt round-robin by scheme pair
+            placements["by_kind4"] = (4, Placement.by_kind(routed, 4))
         for case in ("random", "empty_expert", "all_to_one"):
             x = routing_case(block, case, rng)
-            ref = np.asarray(ref_fn(block, x, routed), np.float32)
+            ref = np.asarray(ref_fn(block, x, routed, shared), np.float32)
             idx, _ = moe.route(block.router_logits(x), block.cfg)
             loads = np.bincount(np.asarray(idx).reshape(-1), minlength=E).tolist()
             for name, (n, placement) in placements.items():
-                ep = ExpertParallelMoE(block, expert_mesh(n), placement=placement, routed=routed)
+                ep = ExpertParallelMoE(block, expert_mesh(n), placement=placement, routed=routed,
+                                       shared=shared)
                 got = np.asarray(ep(x), np.float32)
                 leaf = jax.tree.leaves(ep.experts)[0]  # a sharded weight: rows on each device
                 print(json.dumps(dict(weights=weights, case=case, placement=name, devices=n,
@@ -110,5 +126,28 @@ def main(device_counts: list[int]) -> None:
                       flush=True)
 
 
+def main_interpret(device_counts: list[int]) -> None:
+    """The mixed bf16 layer on the Pallas kernels (interpret mode) inside ``shard_map`` against
+    the single-device forward on the same kernels."""
+    rng = np.random.default_rng(0)
+    block = make_block(jnp.bfloat16)
+    routed = mixed_weights(block, GATE_UP, DOWN)
+    with kernel_mode("interpret"):
+        ref_fn = nnx.jit(lambda b, v, r: moe.moe_forward(b, v, routed=r))
+        for case in ("random", "all_to_one"):
+            x = routing_case(block, case, rng)
+            ref = np.asarray(ref_fn(block, x, routed), np.float32)
+            for n in device_counts:
+                ep = ExpertParallelMoE(block, expert_mesh(n), routed=routed)
+                got = np.asarray(ep(x), np.float32)
+                print(json.dumps(dict(weights="mixed-bf16-interpret", case=case, devices=n,
+                                      err=float(np.abs(got - ref).max()),
+                                      scale=float(np.abs(ref).max()))), flush=True)
+
+
 if __name__ == "__main__":
-    main([int(a) for a in sys.argv[1:]] or [2, 4, 8])
+    args = sys.argv[1:]
+    if args[:1] == ["--interpret"]:
+        main_interpret([int(a) for a in args[1:]] or [2])
+    else:
+        main([int(a) for a in args] or [2, 4, 8])
