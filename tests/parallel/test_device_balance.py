@@ -145,3 +145,27 @@ def test_solve_allocation_balances_devices():
     with pytest.raises(ValueError, match="does not divide"):
         solve_allocation(inputs, SolveConfig(wbits=4.5, r=0.75, hull=0, devices=3),
                          progress=False)
+
+
+def test_solve_cli_devices(tmp_path):
+    """``mxmoe-jax solve --devices 2`` writes the balanced allocation and its device times."""
+    import json
+
+    from mxmoe_jax.alloc.check_uniform import perf_for_trace
+    from mxmoe_jax.alloc.synthetic import synthetic_loss, synthetic_trace
+    from mxmoe_jax.cli import main as cli
+
+    schemes = ["w16a16", "w8a8_g-1_sym", "w4a16_g128_asym", "w4a16_g-1_asym"]
+    trace = synthetic_trace(num_layers=2, num_experts=8, top_k=2, moe_inter=128, hidden=256,
+                            shared_ratio=2.0, num_tokens=512, seed=5)
+    paths = {}
+    for name, obj in (("trace", trace), ("loss", synthetic_loss(trace, schemes, seed=5)),
+                      ("perf", perf_for_trace(trace, schemes).table)):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(obj))
+    out = tmp_path / "q.json"
+    assert cli(["solve", "--trace", str(paths["trace"]), "--loss", str(paths["loss"]), "--perf",
+                str(paths["perf"]), "--batch", "256", "--wbits", "4.5", "--r", "0.75",
+                "--hull", "0", "--devices", "2", "--out", str(out), "--no-plots"]) == 0
+    layers = json.loads(out.read_text())["summary"]["layers"]
+    assert layers and all(len(row["device_us"]) == 2 for row in layers.values())
