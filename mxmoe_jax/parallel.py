@@ -195,7 +195,7 @@ def shard_experts(weights: ExpertWeights, placement: Placement) -> ShardedExpert
             occupant[p, slot[x]] = x
             used[k] += 1
 
-    def project(groups, group_of, kind_index):
+    def project(groups, kind_index):
         out = []
         for i, g in enumerate(groups):
             slots = [s for k in kinds if k[kind_index] == i
@@ -209,8 +209,8 @@ def shard_experts(weights: ExpertWeights, placement: Placement) -> ShardedExpert
                                    experts=tuple(slots), scheme=g.scheme))
         return tuple(out)
 
-    local = ExpertWeights(gate_up=project(weights.gate_up, gu_of, 0),
-                          down=project(weights.down, dn_of, 1), num_experts=num_slots)
+    local = ExpertWeights(gate_up=project(weights.gate_up, 0), down=project(weights.down, 1),
+                          num_experts=num_slots)
     return ShardedExperts(weights=local, dest=tuple(placement.device_of), slot=tuple(slot),
                           num_devices=n_dev, max_local=max(len(o) for o in on),
                           filler_slots=int(np.sum(occupant < 0)))

@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from mxmoe_jax.models import moe
-from mxmoe_jax.parallel import Placement, expert_mesh, shard_experts
+from mxmoe_jax.parallel import ExpertParallelMoE, Placement, expert_mesh, shard_experts
 from tests.conftest import REPO
 from tests.parallel import ep_check
 
@@ -101,6 +102,24 @@ def test_by_kind_placement_avoids_filler_slots():
     np.testing.assert_array_equal(np.asarray(s.weights.gate_up[0].w)[:, 0, 0], [0, 2, 1, 3])
     np.testing.assert_array_equal(np.asarray(s.weights.down[0].w)[:, 0, 0],
                                   [0, 2, 4, 6, 1, 3, 5, 7])
+
+
+def test_capacity_drops_the_pairs_past_it():
+    """One device (this process), ``capacity=C``: the first C (token, slot) pairs in token order
+    are kept, the rest contribute nothing. With top-2 and C = 2 * 5, tokens 0..4 get the full
+    forward, tokens 5.. only the shared expert (= moe_forward with zero routed experts)."""
+    block = ep_check.make_block(jnp.float32)
+    x = ep_check.routing_case(block, "random", np.random.default_rng(2))[:12]
+    fwd = nnx.jit(lambda b, v, r: moe.moe_forward(b, v, routed=r))
+    routed = block.experts.weights()
+    full = np.asarray(fwd(block, x, routed))
+    zero = moe.ExpertWeights.dense(*(jnp.zeros_like(a) for a in (
+        block.experts.gate[...], block.experts.up[...], block.experts.down[...])))
+    shared_only = np.asarray(fwd(block, x, zero))
+    got = np.asarray(ExpertParallelMoE(block, expert_mesh(1), capacity=2 * 5)(x))
+    assert np.abs(full[5:] - shared_only[5:]).max() > 1.0  # the dropped pairs mattered
+    np.testing.assert_allclose(got[:5], full[:5], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got[5:], shared_only[5:], rtol=0, atol=1e-5)
 
 
 def test_placement_checks():
