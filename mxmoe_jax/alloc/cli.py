@@ -51,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--solver", choices=("highs", "cbc"), default="highs")
     p.add_argument("--jobs", type=int, default=1,
                    help="processes solving layers in parallel (default 1)")
+    p.add_argument("--devices", type=int, default=1,
+                   help="expert parallelism: T = the busiest of N devices, routed experts placed "
+                        "contiguously (layer mode; default 1)")
     p.add_argument("--out", required=True, help="qconfig.json to write")
     p.add_argument("--export-original", metavar="PATH",
                    help="also write the assignment in the original MxMoE schema")
@@ -109,7 +112,7 @@ def main(args: argparse.Namespace) -> int:
                   "(a budget per layer) it changes nothing", file=sys.stderr)
     kw = dict(wbits=args.wbits, abits=args.abits, r=args.r, mode=args.mode, proxy=args.proxy,
               granularity=args.granularity, hull=args.hull, grid=args.grid, solver=args.solver,
-              jobs=args.jobs, f_tol=math.log1p(args.tol))
+              jobs=args.jobs, f_tol=math.log1p(args.tol), devices=args.devices)
     cfg = SolveConfig.exact(**kw) if args.exact else SolveConfig(**kw)
     try:
         result = solve_allocation(inputs, cfg, meta=meta)

@@ -65,9 +65,15 @@ class Units:
     abits: np.ndarray  # [u, s] activation bits x elements (parameter-weighted average)
     size: np.ndarray  # [u] weight elements of the unit
     t0: float = 0.0  # time every assignment pays (launches), µs, included in T
+    # [u] device of each unit under expert parallelism, -1: runs on every device (its time is
+    # per device); None: one device. T is then t0 + replicated + the busiest device's time.
+    device: np.ndarray | None = None
 
     def __post_init__(self):
         u, s = self.loss.shape
+        if self.device is not None and (self.device.shape != (u,) or self.device.max() < 0):
+            raise ValueError(f"device: expected [{u}] device indices (some >= 0), got "
+                             f"{self.device}")
         for field in ("time", "wbits", "abits"):
             if getattr(self, field).shape != (u, s):
                 raise ValueError(f"{field}: shape {getattr(self, field).shape}, expected {(u, s)}")
@@ -84,12 +90,25 @@ class Units:
     def available(self) -> np.ndarray:
         return np.isfinite(self.loss) & np.isfinite(self.time)
 
+    def layer_time(self, unit_time: np.ndarray) -> float:
+        """T of per-unit times ``[u]``: ``t0`` plus their sum, or with ``device``, plus the
+        replicated units' sum and the busiest device's (the devices run in parallel)."""
+        if self.device is None:
+            return float(self.t0 + unit_time.sum())
+        replicated = unit_time[self.device < 0].sum()
+        return float(self.t0 + replicated + self.device_times(unit_time).max())
+
+    def device_times(self, unit_time: np.ndarray) -> np.ndarray:
+        """``[N]`` µs of the placed units on each device (``device`` set)."""
+        return np.bincount(self.device[self.device >= 0], unit_time[self.device >= 0],
+                           minlength=int(self.device.max()) + 1)
+
     def evaluate(self, choice: np.ndarray) -> dict:
         """L, T and average bits of an assignment (``choice[u]`` = scheme index)."""
         idx = np.arange(len(choice))
         total = float(self.size.sum())
         return dict(L=float(self.loss[idx, choice].sum()),
-                    T=float(self.t0 + self.time[idx, choice].sum()),
+                    T=self.layer_time(self.time[idx, choice]),
                     wbits=float(self.wbits[idx, choice].sum() / total),
                     abits=float(self.abits[idx, choice].sum() / total))
 
@@ -235,7 +254,16 @@ class _Model:
                      <= abudget), "abits"
         items = self.x.items()
         self.l_expr = pulp.lpSum(units.loss[u, s] / self.l_scale * v for (u, s), v in items)
-        self.t_expr = pulp.lpSum(units.time[u, s] / self.t_scale * v for (u, s), v in items)
+        if units.device is None:
+            self.t_expr = pulp.lpSum(units.time[u, s] / self.t_scale * v for (u, s), v in items)
+        else:  # T = replicated units + the busiest device: z >= every device's sum
+            dev = units.device
+            z = prob.add_variable("busiest_device", lowBound=0)
+            for d in range(int(dev.max()) + 1):
+                prob += z >= pulp.lpSum(units.time[u, s] / self.t_scale * v
+                                        for (u, s), v in items if dev[u] == d), f"device_{d}"
+            self.t_expr = z + pulp.lpSum(units.time[u, s] / self.t_scale * v
+                                         for (u, s), v in items if dev[u] < 0)
         # a cap no assignment reaches: every unit at its costliest scheme (loss and time scaled)
         worst = np.where(ok, units.loss / self.l_scale, 0.0).max(axis=1).sum()
         big = float(max(worst, len(by_unit))) + 1.0
@@ -309,8 +337,8 @@ class _Model:
             stats = self.prob.solve(pulp.HiGHS(msg=False, mip=False, output_flag=False))
         self.log.append(("T (LP)", None, 0.0, stats.status_str))
         if stats.status != pulp.constants.LpSolveStatus.Optimal:
-            return self.units.t0 + float(np.where(self.units.available, self.units.time,
-                                                  np.inf).min(axis=1).sum())
+            return self.units.layer_time(np.where(self.units.available, self.units.time,
+                                                  np.inf).min(axis=1))
         return self.units.t0 + float(pulp.value(self.t_expr)) * self.t_scale - 1e-9
 
     def solve_weighted(self, w_l: float, w_t: float, *, start: np.ndarray | None = None,

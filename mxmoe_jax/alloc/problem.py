@@ -340,12 +340,34 @@ def group_arrays(ld: LayerData, proxy: str = "frobenius") -> dict[str, np.ndarra
                 abits=np.where(ok, ld.abpw * ld.size[..., None], nan))
 
 
+def unit_devices(ld: LayerData, granularity: str, devices: int, *, shared: bool) -> np.ndarray:
+    """``[units]`` device of each of ``ld``'s units when its routed experts are placed
+    contiguously on ``devices`` (``parallel.Placement.contiguous``); -1 for the shared expert,
+    which runs data-parallel on every device."""
+    n_routed = len(ld.experts) - int(shared)
+    if devices < 1 or n_routed % devices:
+        raise ValueError(f"--devices: {devices} does not divide the {n_routed} routed experts of "
+                         f"layer {ld.layer}")
+    per = n_routed // devices
+    dev = np.array([e // per if e < n_routed else -1 for e in range(len(ld.experts))])
+    return np.repeat(dev, 2 if granularity == "linear" else 1)
+
+
 def make_units(layers: list[LayerData], granularity: str = "linear",
-               proxy: str = "frobenius") -> Units:
+               proxy: str = "frobenius", *, devices: int = 1, shared: bool = False) -> Units:
     """The MILP units of these layers: (expert, group) pairs, or whole experts, with the loss
-    of ``proxy``."""
+    of ``proxy``.
+
+    ``devices > 1`` (one layer): the routed experts placed contiguously on that many devices
+    (`unit_devices`; ``shared``: the last expert is the shared one), T counts the busiest
+    device (``Units.device``), and the shared expert's time is divided by ``devices`` (its tokens
+    split over them; the perf model's time at 1/N of the tokens would be a little more).
+    """
     if granularity not in GRANULARITIES:
         raise ValueError(f"--granularity: {granularity!r} is not one of {GRANULARITIES}")
+    if devices > 1 and len(layers) != 1:
+        raise ValueError("--devices: expert-parallel balancing solves one layer per MILP "
+                         "(--mode layer)")
     parts = {k: [] for k in ("loss", "time", "wbits", "abits", "size")}
     for ld in layers:
         a = group_arrays(ld, proxy)
@@ -358,7 +380,11 @@ def make_units(layers: list[LayerData], granularity: str = "linear",
                 parts[k].append(a[k].sum(axis=1))
             parts["size"].append(ld.size.sum(axis=1))
     cat = {k: np.concatenate(v) for k, v in parts.items()}
-    return Units(t0=float(sum(ld.t0 for ld in layers)), **cat)
+    device = None
+    if devices > 1:
+        device = unit_devices(layers[0], granularity, devices, shared=shared)
+        cat["time"] = np.where((device < 0)[:, None], cat["time"] / devices, cat["time"])
+    return Units(t0=float(sum(ld.t0 for ld in layers)), device=device, **cat)
 
 
 def decode(layers: list[LayerData], granularity: str, choice: np.ndarray,

@@ -41,6 +41,7 @@ class SolveConfig:
     max_solves: int = 60  # MILPs per layer (or model)
     solver: str = "highs"  # "highs" (in process) or "cbc" (bundled with pulp[cbc])
     jobs: int = 1  # processes solving layers in parallel (layer mode; spawned)
+    devices: int = 1  # expert parallelism: T = the busiest of N devices (contiguous placement)
 
     def __post_init__(self):
         if not self.wbits > 0:
@@ -57,6 +58,10 @@ class SolveConfig:
             raise ValueError(f"granularity: {self.granularity!r} is not 'linear' or 'expert'")
         if self.jobs < 1:
             raise ValueError(f"jobs: must be >= 1, got {self.jobs}")
+        if self.devices < 1:
+            raise ValueError(f"devices: must be >= 1, got {self.devices}")
+        if self.devices > 1 and self.mode != "layer":
+            raise ValueError("devices: expert-parallel balancing needs mode 'layer'")
         for f in ("grid_gap", "f_tol", "t_gap"):
             if getattr(self, f) < 0:
                 raise ValueError(f"{f}: must be >= 0")
@@ -111,7 +116,9 @@ def solve_allocation(inputs: AllocInputs, cfg: SolveConfig, *, progress: bool = 
         groups = {ld.layer: [ld] for ld in inputs.layers}
     else:
         groups = {"model": list(inputs.layers)}
-    units = {key: make_units(lds, gran, cfg.proxy) for key, lds in groups.items()}
+    par = dict(devices=cfg.devices,
+               shared=bool(inputs.trace_meta.get("num_shared_experts", 0) or 0))
+    units = {key: make_units(lds, gran, cfg.proxy, **par) for key, lds in groups.items()}
     if cfg.mode == "layer":
         check_layer_budgets(units, cfg)
     kw = dict(wbudget=cfg.wbits, abudget=cfg.abits, r=cfg.r, hull=cfg.hull, grid=cfg.grid,
@@ -148,10 +155,14 @@ def solve_allocation(inputs: AllocInputs, cfg: SolveConfig, *, progress: bool = 
             per_layer[key] = dict(L=sol.chosen.L, T_us=sol.chosen.T, wbits=sol.chosen.wbits,
                                   abits=sol.chosen.abits, exact=sol.exact, MILPs=sol.solves,
                                   seconds=round(sol.seconds, 3))
+            if cfg.devices > 1:  # the busiest device sets T; what each one runs
+                u = units[key]
+                t = u.time[np.arange(len(sol.chosen.choice)), sol.chosen.choice]
+                per_layer[key]["device_us"] = [round(float(v), 3) for v in u.device_times(t)]
     sizes = [float(u.size.sum()) for u in units.values()]
     totals = _summed([units[k].evaluate(solutions[k].chosen.choice) for k in units], sizes)
     # uniform assignments at linear granularity (the same blocks, one scheme everywhere)
-    lin = {key: make_units(lds, "linear", cfg.proxy) for key, lds in groups.items()}
+    lin = {key: make_units(lds, "linear", cfg.proxy, **par) for key, lds in groups.items()}
     uniform: dict[str, dict | None] = {}
     for j, name in enumerate(inputs.schemes):
         choices = {k: uniform_choice(u, j) for k, u in lin.items()}

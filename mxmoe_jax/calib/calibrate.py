@@ -29,9 +29,12 @@ down_proj with K = 192: w4a16_g96_asym), its Δ stored under the requested name;
 ``group_size_substitutions`` lists every such (scheme, K), and each is noted once on stderr.
 
 Memory: the hidden states of all calibration windows at the current layer (host), plus one token
-chunk's activations on the device. Resumable: after each MoE layer the finished losses are written
-atomically to ``<out>.partial.json``; a rerun with the same settings continues after the last
-finished layer (earlier layers are only replayed in FP to rebuild their outputs).
+chunk's activations on the device. ``CalibConfig(devices=N)``: each chunk's routed-expert Δ² is
+computed with the experts sharded over N devices (``calib.sharded``; ``layer_out_norm`` only,
+GPTQ's Hessians still on one device), the same Δ up to the order of f32 sums. Resumable: after
+each MoE layer the finished losses are written atomically to ``<out>.partial.json``; a rerun with
+the same settings continues after the last finished layer (earlier layers are only replayed in FP
+to rebuild their outputs).
 """
 
 from __future__ import annotations
@@ -52,11 +55,13 @@ from flax import nnx
 
 from mxmoe_jax.calib import walk
 from mxmoe_jax.calib.loss import MLPWeights, QuantizedBlocks, act_quant, block_supported, losses_sq
+from mxmoe_jax.calib.sharded import ShardedChunkLosses
 from mxmoe_jax.config import BLOCKS, ModelConfig
 from mxmoe_jax.jsonio import LOSS_FORMAT as FORMAT
 from mxmoe_jax.jsonio import read_json, write_json_atomic
 from mxmoe_jax.models.model import online_rotation_widths
 from mxmoe_jax.models.moe import ExpertWeights, Hooks, moe_forward, signs_of
+from mxmoe_jax.parallel import expert_mesh
 from mxmoe_jax.quant.gptq import (
     gptq_quantize,
     hessian_finalize,
@@ -83,6 +88,7 @@ class CalibConfig:
     metric: str = "layer_out_norm"  # "layer_out_norm" | "model_out_norm"
     batch_tokens: int = 8192  # tokens per jitted chunk (bounds device memory)
     layers: tuple[int, ...] | None = None  # MoE layers to calibrate (None = all)
+    devices: int = 1  # routed experts sharded over this many devices (calib.sharded)
 
     def __post_init__(self):
         if not self.schemes:
@@ -97,6 +103,11 @@ class CalibConfig:
             raise ValueError(f"metric: {self.metric!r} is not one of {METRICS}")
         if self.batch_tokens < 1:
             raise ValueError(f"batch_tokens: {self.batch_tokens} must be positive")
+        if self.devices < 1 or self.batch_tokens % self.devices:
+            raise ValueError(f"devices: {self.devices} must be positive and divide batch_tokens "
+                             f"({self.batch_tokens})")
+        if self.devices > 1 and self.metric != "layer_out_norm":
+            raise ValueError("devices: only the layer_out_norm metric runs sharded")
 
 
 # ------------------------------------------------------------------------------ quantizers
@@ -355,21 +366,26 @@ def _to_json_losses(sq: np.ndarray, supported: list[list[bool]]) -> dict[str, li
             for e in range(sq.shape[0])}
 
 
-def _layer_out_norm(block, xn_flat, h_flat, schemes, quantize, chunk, method, bar):
+def _layer_out_norm(block, xn_flat, h_flat, schemes, quantize, chunk, method, bar, mesh=None):
     """Δ² ``[S, E(+1), 3]`` (f64) and the layer output ``[N, D]`` for one MoE layer.
 
     ``h_flat`` (the residual stream after attention) is overwritten with the layer output.
+    ``mesh``: the routed experts' Δ² computed sharded over it (``calib.sharded``).
     """
     hess = _hessians(block, xn_flat, chunk, bar) if method == "gptq" else None
     parts = _scheme_parts(block, schemes)
     variants = _quantize_layer(block, parts, quantize, hess)
+    if mesh is None:
+        def chunk_losses(x_td, mask, *, capacity):
+            return _chunk_losses(block, x_td, mask, variants, capacity=capacity)
+    else:
+        chunk_losses = ShardedChunkLosses(block, variants, mesh)
     total = None
     out = h_flat  # becomes the layer output in place: one host copy fewer
     for sl in walk.iter_batches(xn_flat.shape[0], chunk):
         xc, mask = _pad_rows(xn_flat[sl], chunk)
         xc = jnp.asarray(xc)
-        sq, moe = _chunk_losses(block, xc, jnp.asarray(mask), variants,
-                                capacity=walk.chunk_capacity(block, xc))
+        sq, moe = chunk_losses(xc, jnp.asarray(mask), capacity=walk.chunk_capacity(block, xc))
         sq = np.asarray(sq, np.float64)
         total = sq if total is None else total + sq
         n = sl.stop - sl.start
@@ -476,6 +492,7 @@ def calibrate(model, windows: np.ndarray, config: CalibConfig, *, meta: dict,
     if config.layers is not None:
         meta["layers"] = wanted
     quantize = quantizer or QUANTIZERS[config.method]
+    mesh = expert_mesh(config.devices) if config.devices > 1 else None
 
     losses: dict[str, dict] = {s.name: {} for s in schemes}
     done: list[int] = []
@@ -516,7 +533,7 @@ def calibrate(model, windows: np.ndarray, config: CalibConfig, *, meta: dict,
             passes = n_chunks * (2 if config.method == "gptq" else 1)
             bar = _progress(passes, f"layer {i}/{cfg.num_layers - 1}", progress)
             sq, out = _layer_out_norm(block, xn.reshape(-1, d), h.reshape(-1, d), schemes,
-                                      quantize, chunk, config.method, bar)
+                                      quantize, chunk, config.method, bar, mesh)
             hidden = out.reshape(h.shape)
         else:
             n_exp = cfg.num_experts + len(_stacks(block)) - 1

@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tokens per jitted chunk: bounds device memory (default 8192)")
     p.add_argument("--layers", type=int, nargs="+", metavar="I",
                    help="calibrate only these MoE layers (default: all)")
+    p.add_argument("--devices", type=int, default=1,
+                   help="shard the routed experts over N devices (layer_out_norm; on the CPU "
+                        "XLA_FLAGS=--xla_force_host_platform_device_count=N; default 1)")
     p.add_argument("--tokenizer", help="folder with the HF tokenizer (default: the model folder)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.set_defaults(func=main)
@@ -57,7 +60,8 @@ def main(args: argparse.Namespace) -> int:
     config = CalibConfig(schemes=tuple(dict.fromkeys(schemes)), method=args.method,
                          hadamard=args.hadamard, metric=args.metric,
                          batch_tokens=args.batch_tokens,
-                         layers=tuple(args.layers) if args.layers else None)
+                         layers=tuple(args.layers) if args.layers else None,
+                         devices=args.devices)
     result = calibrate_files(args.model, args.text, config, out=args.out, seqlen=args.seqlen,
                              nsamples=args.nsamples, sampling=args.sampling, seed=args.seed,
                              tokenizer_dir=args.tokenizer, progress=True)
