@@ -7,11 +7,6 @@ starts, and this process started it with one device. The reference is ``models.m
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,8 +15,7 @@ from flax import nnx
 
 from mxmoe_jax.models import moe
 from mxmoe_jax.parallel import ExpertParallelMoE, Placement, expert_mesh, shard_experts
-from tests.conftest import REPO
-from tests.parallel import ep_check
+from tests.parallel import ep_check, run_on_8_devices
 
 DEVICES = (2, 4, 8)
 CASES = ("random", "empty_expert", "all_to_one")
@@ -29,13 +23,7 @@ CASES = ("random", "empty_expert", "all_to_one")
 
 @pytest.fixture(scope="module")
 def rows():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "tests.parallel.ep_check",
-                           *map(str, DEVICES)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return run_on_8_devices("tests.parallel.ep_check", *map(str, DEVICES))
 
 
 def test_every_case_ran(rows):
@@ -158,12 +146,7 @@ def test_sharded_layer_on_the_pallas_kernels():
     """The mixed layer in bf16 on the Pallas kernels (interpret mode: the kernel bodies on the
     CPU) inside ``shard_map`` on 2 devices equals the single-device forward on the same kernels
     (the one-launch mixed kernel per device; ~50 s of interpret-mode compilation)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "tests.parallel.ep_check", "--interpret", "2"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = run_on_8_devices("tests.parallel.ep_check", "--interpret", "2", timeout=900)
     assert {r["case"] for r in rows} == {"random", "all_to_one"}
     for r in rows:
         assert r["scale"] > 1.0, r

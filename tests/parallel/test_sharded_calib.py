@@ -4,28 +4,16 @@ simulated CPU devices (``calib_check.py`` in a subprocess) equal the single-devi
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from tests.conftest import REPO
-from tests.parallel import calib_check, ep_check
+from tests.parallel import calib_check, ep_check, run_on_8_devices
 
 DEVICES = (2, 8)
 
 
 @pytest.fixture(scope="module")
 def rows():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "tests.parallel.calib_check",
-                           *map(str, DEVICES)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return run_on_8_devices("tests.parallel.calib_check", *map(str, DEVICES))
 
 
 def test_every_case_ran(rows):

@@ -4,27 +4,17 @@ the loss.json losses of ``devices=1`` on a converted HF fixture, for 2 and 8 sim
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
 from mxmoe_jax.calib.calibrate import CalibConfig
-from tests.conftest import REPO
-from tests.parallel import calib_full_check
+from tests.parallel import calib_full_check, run_on_8_devices
 
 
 @pytest.fixture(scope="module")
 def runs():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "tests.parallel.calib_full_check", "1", "2",
-                           "8"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = run_on_8_devices("tests.parallel.calib_full_check", "1", "2", "8")
     return {r["devices"]: r["losses"] for r in rows}
 
 
