@@ -217,7 +217,7 @@ def main(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
 
-    from mxmoe_jax.jsonio import write_json_atomic
+    from mxmoe_jax.jsonio import check_writable, write_json_atomic
     from mxmoe_jax.quantize.checkpoint import is_qmodel_dir, load_any
 
     dev = jax.devices()[0]
@@ -230,6 +230,10 @@ def main(args: argparse.Namespace) -> int:
     names = ("bench.json", "bench.md", "bench.png")
     if out.exists() and not args.force and any((out / n).exists() for n in names):
         raise ValueError(f"--out: {out} already holds bench results; pass --force to overwrite")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} is a file; bench writes a folder (bench.json, bench.md, "
+                         "bench.png): choose another --out")
+    check_writable(out / "bench.json")  # before the measurement, not after
     cfg, model = load_any(args.model, dtype=jnp.bfloat16)
     layers = _check(args, cfg)
     print(f"bench: {args.model} ({'QMODEL_DIR' if is_qmodel_dir(args.model) else 'MODEL_DIR'}),"

@@ -91,6 +91,20 @@ def test_reference_run_on_a_qmodel_dir_times_its_packed_weights(model_dir, tmp_p
     assert rows["w2a16_g-1_sym"]["rel_to_bf16"] > 10 * model
 
 
+@pytest.mark.parametrize("where", ["under_a_file", "a_file"])
+def test_an_out_that_cannot_be_written_is_refused_before_measuring(model_dir, tmp_path, capsys,
+                                                                    where):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    out = blocker / "b" if where == "under_a_file" else blocker
+    assert cli_main(["bench", "--model", str(model_dir), "--out", str(out), "--reference",
+                     "--tokens", "8", "--layers", "1"]) == 2
+    err = capsys.readouterr().err
+    # one line: the error, with no run started before it (a run prints "bench: MODEL ..." first)
+    assert err.startswith("mxmoe-jax bench: error:") and err.count("\n") == 1
+    assert str(blocker) in err and blocker.read_text() == "a file"
+
+
 @pytest.mark.parametrize("flag,value,match", [
     ("--layers", ["5"], "not MoE layers"),
     ("--tokens", ["0"], "positive token counts"),
