@@ -75,6 +75,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also solve at a real-sized layer shape (a perf.shapes preset, e.g. "
                         "qwen1.5-moe) with this model's trace and loss pattern scaled to it: "
                         "speed at the preset's shapes, accuracy from this model")
+    p.add_argument("--devices", type=int, default=1,
+                   help="expert parallelism over N JAX devices: calibrate with the routed experts "
+                        "sharded and solve for the busiest device's time (calibrate/solve "
+                        "--devices; default 1)")
     p.add_argument("--fresh", action="store_true",
                    help="empty the run folder --out first (default: resume it)")
     p.add_argument("--force", action="store_true", help="the same as --fresh")
@@ -141,6 +145,13 @@ def main(args: argparse.Namespace) -> int:
 
         if args.shapes_of not in PRESETS:
             raise ValueError(f"--shapes-of: {args.shapes_of!r} is not one of {', '.join(PRESETS)}")
+    if args.devices != 1:
+        import jax
+
+        if not 1 <= args.devices <= len(jax.devices()):
+            raise ValueError(f"--devices: {args.devices} is not between 1 and the "
+                             f"{len(jax.devices())} JAX devices here (on the CPU, simulate more "
+                             "with XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     if args.model and not (Path(args.model) / "config.json").is_file():
         raise FileNotFoundError(f"--model: {args.model} has no config.json (a Hugging Face "
                                 "checkpoint folder is expected)")
@@ -201,9 +212,12 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         ["trace", "--model", str(model_dir), "--text", *calib, "--out", str(out / "trace.json"),
          "--plot", str(out / "trace.png"), *seq, "--force"]))
     schemes = args.schemes or (ACT_SCHEMES if args.abits else WEIGHT_ONLY_SCHEMES)
-    st.run("calibrate", {"schemes": schemes, "method": args.method}, ["loss.json"], lambda: _cli(
+    # --devices joins a stage's settings only when it is not 1: earlier run folders still resume
+    par = ["--devices", str(args.devices)] if args.devices != 1 else []
+    st.run("calibrate", {"schemes": schemes, "method": args.method} | ({"par": par} if par else {}),
+           ["loss.json"], lambda: _cli(
         ["calibrate", "--model", str(model_dir), "--text", *calib, "--schemes", *schemes,
-         "--method", args.method, "--out", str(out / "loss.json"), *seq, "--force"]))
+         "--method", args.method, "--out", str(out / "loss.json"), *seq, *par, "--force"]))
     measured = _gpu_kind()
     how = {"device": measured or args.device, "measured": bool(measured)}
     st.run("profile", how, ["perf.json"], lambda: _profile(
@@ -213,10 +227,11 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     r = args.r if args.r is not None else (0.75 if args.abits else 1.0)
 
     def solve():
-        summary = _solve(out, "", budget, args.batch, r)
+        summary = _solve(out, "", budget + par, args.batch, r)
         return {k: summary[k] for k in ("wbits", "abits", "L", "T_us") if k in summary}
 
-    st.run("solve", {"budget": budget, "batch": args.batch, "r": r}, ["qconfig.json"], solve)
+    st.run("solve", {"budget": budget, "batch": args.batch, "r": r} | ({"par": par} if par else {}),
+           ["qconfig.json"], solve)
     gptq = ["--calib", *calib, "--calib-windows", str(args.nsamples), "--seqlen",
             str(args.seqlen)] if args.method == "gptq" else []
     st.run("quantize", {"method": args.method}, ["qmodel/qmodel.json"], lambda: _cli(

@@ -101,3 +101,14 @@ def test_run_refuses_a_non_empty_folder_that_is_not_a_run(tmp_path, capsys):
 def test_run_with_a_model_needs_texts(tmp_path, capsys):
     assert cli_main(["run", "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "--calib and --eval are required" in capsys.readouterr().err
+
+
+def test_run_devices_past_the_devices_here_is_refused_first(tmp_path, capsys):
+    import jax
+
+    n = len(jax.devices()) + 1
+    out = tmp_path / "o"
+    assert cli_main(["run", "--devices", str(n), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--devices: {n} is not between 1 and the {n - 1} JAX devices" in err
+    assert "xla_force_host_platform_device_count" in err and not out.exists()
